@@ -17,6 +17,10 @@ from mlx_rl.config import MlxRlError
 COMMANDS = {
     "icemaze": "mlx_rl.icemaze",
     "pretrain": "mlx_rl.pretrain",
+    "dpo": "mlx_rl.dpo",
+    "dpo-pairs": "mlx_rl.dpo",
+    "grpo": "mlx_rl.grpo",
+    "ppo": "mlx_rl.ppo",
     "eval": "mlx_rl.evaluate",
     "plot": "mlx_rl.plots",
     "tasks": "mlx_rl.evaluate",

@@ -44,7 +44,7 @@ class RunConfig:
 
 
 # Fields that say where a run lives, not what it does: not read from --config files.
-RUN_ONLY_FIELDS = ("out", "resume")
+RUN_ONLY_FIELDS = ("out", "resume", "command")
 
 
 def field_type(cls, f):

@@ -10,7 +10,14 @@ Right padding keeps every real token at the same position it had when sampled,
 and causal attention never looks at the padding on its right, so a sequence
 gives the same numbers alone or padded in a batch. Prompt and padding positions
 have mask 0 and so never reach a loss.
+
+Works with any mlx-lm model: it is one plain forward pass, `model(tokens)`.
+The reference policy of PPO / GRPO / DPO is a frozen copy of the starting
+model (`frozen_copy`), and `reference_logprobs` stops gradients at its output,
+so a loss that mixes policy and reference log-probs trains only the policy.
 """
+
+import copy
 
 import mlx.core as mx
 import numpy as np
@@ -65,7 +72,14 @@ def masked_mean(x, mask, axis=None):
     return (x * mask).sum(axis=axis) / mx.maximum(mask.sum(axis=axis), 1.0)
 
 
+def frozen_copy(model):
+    """The reference policy: a copy of `model` with its own weights, frozen, so training never moves it."""
+    reference = copy.deepcopy(model)
+    reference.freeze()
+    return reference
+
+
 def reference_logprobs(ref_model, tokens, temperature=1.0):
-    """Log-probs under a frozen reference: no gradient can flow into it."""
+    """Log-probs under a frozen reference: no gradient can flow into it. (B, T-1)"""
     logprobs, _ = token_logprobs(ref_model, tokens, temperature)
     return mx.stop_gradient(logprobs)

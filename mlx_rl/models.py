@@ -93,7 +93,7 @@ def new_tiny_model(preset="tiny", seed=0):
     return model, tokenizer, config
 
 
-def load_model(name):
+def load_model(name, adapter_path=None):
     """Load a checkpoint directory or hub name with mlx-lm: returns (model, tokenizer, config)."""
     from mlx_lm import load
 
@@ -106,7 +106,7 @@ def load_model(name):
     elif name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise MlxRlError(f"--model {name}: no such checkpoint directory")
     try:
-        model, tokenizer, config = load(str(name), return_config=True)
+        model, tokenizer, config = load(str(name), adapter_path=adapter_path, return_config=True)
     except Exception as e:  # mlx-lm and the hub raise many kinds; the user needs one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MlxRlError(f"could not load --model {name}: {first}") from None
@@ -124,11 +124,15 @@ def count_parameters(model):
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
-def save_checkpoint(path, model, tokenizer, config, trainer_state=None, optimizer=None):
+def save_checkpoint(path, model, tokenizer, config, trainer_state=None, optimizer=None, extra_arrays=None):
     """Write an mlx-lm checkpoint atomically; optionally the state needed by --resume.
 
     trainer_state: a JSON-able dict (step, wall_s, numpy RNG state...). With an
-    optimizer, its state and MLX's RNG key go to trainer_state.safetensors.
+    optimizer, its state goes to trainer_state.safetensors. (MLX's global RNG key
+    can't be set back, so chapters that sample reseed it every step from
+    (seed, step) instead: see train.step_seed.)
+    extra_arrays: {file name: {name: array}}, more safetensors files written in
+    the same atomic swap (e.g. PPO's value_head.safetensors).
     """
     from mlx_lm.utils import save_config, save_model
 
@@ -137,18 +141,19 @@ def save_checkpoint(path, model, tokenizer, config, trainer_state=None, optimize
     save_config(dict(config), config_path=tmp / "config.json")
     tokenizer.save_pretrained(str(tmp))
     if trainer_state is not None:
-        arrays = {"rng": mx.random.state[0]}
+        arrays = {}
         if optimizer is not None:
             arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
         mx.save_safetensors(str(tmp / "trainer_state.safetensors"), arrays)
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+    for name, arrays in (extra_arrays or {}).items():
+        mx.save_safetensors(str(tmp / name), arrays)
     swap_in_checkpoint(tmp, path)
 
 
 def restore_trainer_state(path, optimizer):
-    """Load optimizer state and MLX's RNG key saved by save_checkpoint."""
+    """Load the optimizer state saved by save_checkpoint."""
     arrays = mx.load(str(Path(path) / "trainer_state.safetensors"))
-    mx.random.state[0] = arrays.pop("rng")
     prefix = "optimizer."
     optimizer.state = tree_unflatten([(k[len(prefix):], v) for k, v in arrays.items() if k.startswith(prefix)])
 

@@ -13,12 +13,29 @@ What it returns is what training needs, and training never re-tokenises text:
 The decoded text is for rewards and display only.
 
 temperature 0 means greedy decoding (log-probs are then of the temperature-1 distribution).
+
+Where the time goes, and what makes it fast (1M-parameter model, 2-core CPU):
+  - Group sampling repeats each prompt G times. The prompt pass (prefill) runs
+    once per *distinct* prompt and the cache rows are then copied G times, so a
+    GRPO batch of 8 prompts x 8 pays for 8 prompt passes, not 64.
+  - Most models use plain KV caches; for them `PaddedKVCache` preallocates the
+    whole prompt + completion length once and skips the attention mask entirely
+    when no row is padded (fixed-length task prompts). Models with sliding-window
+    layers use mlx-lm's own BatchKVCache / BatchRotatingKVCache.
+  - One decoding step is one model call on (B, 1) tokens plus sampling, queued
+    with `mx.async_eval`; the only sync is reading "has every row finished?",
+    which lets the loop stop as soon as the last row reaches EOS.
+  - Things measured and left out because they did not pay on this CPU:
+    `mx.compile` of the decode step with a fixed-size cache (same speed: the
+    step is bound by matmuls and by MLX's scalar `exp` inside SwiGLU, not by
+    per-op overhead), and dropping finished rows from the batch.
 """
 
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache, make_prompt_cache
 
 
@@ -47,10 +64,57 @@ def encode_prompts(tokenizer, prompts, chat_template=False):
     return [tokenizer.encode(p) for p in prompts]
 
 
-def batch_cache(model, left_padding):
+class PaddedKVCache:
+    """A KV cache for a left-padded batch, preallocated to its final length.
+
+    It speaks the protocol mlx-lm attention layers use (`offset` for RoPE,
+    `update_and_fetch`, `make_mask`), so it works with any model whose layers
+    use plain KV caches (Llama, Qwen2/3, Mistral, Phi...). Row b's first real
+    token sits at column left_padding[b]; its RoPE position is column - left_padding.
+    """
+
+    def __init__(self, max_len, left_padding):
+        self.max_len = max_len
+        self.padded = any(left_padding)
+        self.left_padding = mx.array(left_padding)  # (B,)
+        # RoPE positions of the next token: an int when no row is padded, else (B,)
+        self.offset = -self.left_padding if self.padded else 0
+        self.keys = self.values = None  # (B, H, max_len, D), allocated on first use
+        self.length = 0  # columns filled so far
+
+    def update_and_fetch(self, keys, values):
+        B, H, N, _ = keys.shape
+        if self.keys is None:
+            self.keys = mx.zeros((B, H, self.max_len, keys.shape[3]), keys.dtype)
+            self.values = mx.zeros((B, H, self.max_len, values.shape[3]), values.dtype)
+        self.keys[:, :, self.length : self.length + N] = keys
+        self.values[:, :, self.length : self.length + N] = values
+        self.length += N
+        self.offset = self.offset + N
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def make_mask(self, N, return_array=False, window_size=None):
+        if not (self.padded or return_array or window_size):
+            return "causal" if N > 1 else None  # the fast paths of scaled_dot_product_attention
+        left_padding = self.left_padding if self.padded else None
+        return create_causal_mask(N, offset=self.length, window_size=window_size, left_padding=left_padding)
+
+    def repeat_rows(self, rows):
+        """Keep rows `rows` (indices may repeat): copies each distinct prompt's cache to its group."""
+        rows = mx.array(rows)
+        self.keys, self.values = self.keys[rows], self.values[rows]
+        self.left_padding = self.left_padding[rows]
+        if self.padded:
+            self.offset = self.offset[rows]
+
+
+def batch_cache(model, max_len, left_padding):
     """One batched KV cache per layer, masking each row's left padding."""
-    caches = []
-    for c in make_prompt_cache(model):
+    layer_caches = make_prompt_cache(model)
+    if all(type(c) is KVCache for c in layer_caches):
+        return [PaddedKVCache(max_len, left_padding) for _ in layer_caches]
+    caches = []  # sliding-window models: mlx-lm's batched caches
+    for c in layer_caches:
         if type(c) is KVCache:
             caches.append(BatchKVCache(left_padding))
         elif type(c) is RotatingKVCache and c.keep == 0:
@@ -58,6 +122,14 @@ def batch_cache(model, left_padding):
         else:
             raise ValueError(f"batched sampling does not support {type(c).__name__} layers")
     return caches
+
+
+def repeat_cache_rows(caches, rows):
+    for c in caches:
+        if isinstance(c, PaddedKVCache):
+            c.repeat_rows(rows)
+        else:
+            c.filter(mx.array(rows))  # mlx-lm's batched caches: indexes every per-row array
 
 
 def top_p_filter(logprobs, top_p):
@@ -92,17 +164,40 @@ def left_pad(rows, pad_id):
     return mx.array(arr), padding
 
 
+def distinct_rows(prompt_ids):
+    """(distinct prompts, index of each row's prompt among them): [a, a, b, a] -> [a, b], [0, 0, 1, 0]."""
+    index, distinct, rows = {}, [], []
+    for ids in prompt_ids:
+        key = tuple(ids)
+        if key not in index:
+            index[key] = len(distinct)
+            distinct.append(list(ids))
+        rows.append(index[key])
+    return distinct, rows
+
+
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, chat_template=False, prompt_ids=None):
-    """Sample one completion per prompt (repeat prompts for groups). Returns a Rollout."""
+    """Sample one completion per prompt (repeat prompts for groups). Returns a Rollout.
+
+    prompt_ids, if given, are used as they are (then `prompts` may be None and is decoded for display).
+    """
+    if prompts is None:
+        prompts = [tokenizer.decode(ids) for ids in prompt_ids]
     if prompt_ids is None:
         prompt_ids = encode_prompts(tokenizer, prompts, chat_template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos_ids = mx.array(sorted(tokenizer.eos_token_ids), dtype=mx.int32)
-    tokens, padding = left_pad(prompt_ids, pad_id)  # (B, P)
-    B = tokens.shape[0]
-    cache = batch_cache(model, padding)
 
-    logits = model(tokens, cache=cache)[:, -1, :]  # prefill: (B, V)
+    # Prefill: one pass over each distinct prompt, then copy its cache to every row that repeats it.
+    distinct, rows = distinct_rows(prompt_ids)
+    tokens, padding = left_pad(distinct, pad_id)  # (U, P)
+    cache = batch_cache(model, tokens.shape[1] + max_new_tokens, padding)
+    logits = model(tokens, cache=cache)[:, -1, :]  # (U, V)
+    if len(distinct) < len(prompt_ids):
+        repeat_cache_rows(cache, rows)
+        logits = logits[mx.array(rows)]  # (B, V)
+    B = logits.shape[0]
+
     finished = mx.zeros((B,), dtype=mx.bool_)
     out_tokens, out_logprobs, out_mask = [], [], []
     for step in range(max_new_tokens):
@@ -120,9 +215,9 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
         finished = mx.logical_or(finished, (token[:, None] == eos_ids[None, :]).any(axis=1))
         if step == max_new_tokens - 1:
             break
-        logits = model(token[:, None], cache=cache)[:, -1, :]
+        logits = model(token[:, None], cache=cache)[:, -1, :]  # (B, V)
         mx.async_eval(logits, finished, out_tokens[-1], out_logprobs[-1])
-        if finished.all().item():  # one sync per decoding step; stops as soon as every row is done
+        if finished.all().item():  # the one sync per step; stops as soon as every row is done
             break
 
     completion_ids = mx.stack(out_tokens, axis=1)  # (B, N)

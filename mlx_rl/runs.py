@@ -44,6 +44,10 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+class StopRequested(KeyboardInterrupt):
+    """Raised by Run.log after a Ctrl-C, once the step's metrics are written."""
+
+
 class PhaseTimer:
     """Seconds per phase of a step: `with timer("generate"): ...`, then `timer.pop()`.
 
@@ -112,6 +116,7 @@ class Run:
         self.started = time.perf_counter() - wall_offset
         self.plots_dir = self.path / "plots"
         self.checkpoint_dir = self.path / "checkpoint"
+        self.stop_requested = False  # set by Ctrl-C (see train.interruptible)
 
     @classmethod
     def create(cls, command, config):
@@ -162,6 +167,8 @@ class Run:
             row[k] = v.item() if hasattr(v, "item") else v
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.stop_requested:
+            raise StopRequested
         return row
 
     def log_samples(self, step, rows):

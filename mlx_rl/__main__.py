@@ -1,0 +1,3 @@
+from mlx_rl.cli import main
+
+main()

@@ -1,0 +1,271 @@
+"""Plumbing every LLM chapter shares: the model to start from, the optimizer, the
+update step, held-out evaluation, checkpoints, --resume and Ctrl-C.
+
+A chapter supplies a loss `loss_fn(model, *arrays) -> (loss, metrics)`; the
+update step differentiates it with `nn.value_and_grad` (the forward pass runs
+inside the differentiated function, so gradients are real), compiles it, clips
+the gradient norm and applies the optimizer. Each phase ends with one `mx.eval`
+so the seconds it reports are its own.
+"""
+
+import dataclasses
+import json
+import signal
+import sys
+import threading
+import typing
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mlx_rl.config import MlxRlError, RunConfig, option
+from mlx_rl.models import get_model, restore_trainer_state, save_checkpoint
+from mlx_rl.logprobs import reference_logprobs
+from mlx_rl.rollout import generate
+from mlx_rl.runs import Run, StopRequested
+from mlx_rl.tasks import get_task
+
+
+@dataclasses.dataclass
+class LLMConfig(RunConfig):
+    """Fields shared by the LLM chapters (after the RunConfig ones)."""
+
+    preset: str = option("tiny", "size of a new model when --model is not given", choices=["micro", "tiny", "small"])
+    digits: int = option(2, "addition: operand digits", min=1, max=6)
+    sort_length: int = option(5, "sort: list length", min=2, max=12)
+    mistake_rate: float = option(0.75, "share of corpus examples written with the task's systematic mistake", min=0.0, max=1.0)
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", min=0.0)
+    eval_every: int = option(50, "evaluate held-out greedy accuracy every N steps (0: only at the end)", min=0)
+    eval_prompts: int = option(500, "number of held-out prompts in each evaluation", min=1)
+    chat_template: bool = option(False, "wrap prompts in the tokenizer's chat template")
+    compile: bool = option(True, "compile the update step with mx.compile")
+
+
+def make_task(cfg):
+    extra = {"addition": {"digits": cfg.digits}, "sort": {"length": cfg.sort_length}}.get(cfg.task, {})
+    return get_task(cfg.task, mistake_rate=cfg.mistake_rate, **extra)
+
+
+# --- the update step ---------------------------------------------------------
+
+
+def make_update(model, optimizer, loss_fn, max_grad_norm=1.0, compile=True):
+    """Build `update(*arrays, timer) -> (loss, metrics, grad_norm)` for a loss function.
+
+    loss_fn(model, *arrays) -> (loss, metrics dict of scalars)
+    """
+    value_and_grad = nn.value_and_grad(model, lambda *arrays: loss_fn(model, *arrays))
+    if compile:
+        value_and_grad = mx.compile(value_and_grad, inputs=model.state, outputs=model.state)  # retraced per new input shape
+
+    def update(*arrays, timer):
+        with timer("forward_backward"):
+            (loss, metrics), grads = value_and_grad(*arrays)
+            if max_grad_norm > 0:
+                grads, grad_norm = optim.clip_grad_norm(grads, max_grad_norm)
+            else:
+                grad_norm = optim.clip_grad_norm(grads, float("inf"))[1]
+            mx.eval(loss, metrics, grads, grad_norm)
+        with timer("optimizer"):
+            optimizer.update(model, grads)
+            mx.eval(model.parameters(), optimizer.state)
+        return loss, metrics, grad_norm
+
+    return update
+
+
+def make_optimizer(lr, steps, warmup=0, weight_decay=0.0, schedule="constant"):
+    """AdamW with an optional linear warm-up, then a constant rate or a cosine decay to lr/20."""
+    if schedule not in ("constant", "cosine"):
+        raise MlxRlError(f"unknown learning-rate schedule '{schedule}' (constant or cosine)")
+    after = optim.cosine_decay(lr, max(steps - warmup, 1), end=lr / 20) if schedule == "cosine" else None
+    if warmup > 0:
+        ramp = optim.linear_schedule(lr / warmup, lr, warmup)  # stays at lr after warm-up
+        rate = optim.join_schedules([ramp, after], [warmup]) if after else ramp
+    else:
+        rate = after or lr
+    return optim.AdamW(learning_rate=rate, weight_decay=weight_decay)
+
+
+def current_lr(optimizer):
+    lr = optimizer.learning_rate
+    return lr.item() if hasattr(lr, "item") else float(lr)
+
+
+# --- evaluation -----------------------------------------------------------------
+
+
+def evaluate(model, tokenizer, task, prompts, chat_template=False, batch_size=256, n_samples=8):
+    """Greedy held-out accuracy and mean reward; returns (metrics, sample rows)."""
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        texts += generate(model, tokenizer, chunk, task.max_new_tokens, temperature=0.0, chat_template=chat_template).texts
+    correct = np.array([task.is_correct(p, c) for p, c in zip(prompts, texts)])
+    rewards = np.array([task.reward(p, c) for p, c in zip(prompts, texts)])
+    kind = np.array([task.has_mistake(p) for p in prompts])
+    metrics = {
+        "eval/accuracy": float(correct.mean()),
+        "eval/reward": float(rewards.mean()),
+        # accuracy on the problems the corpus gets wrong, and on the rest
+        "eval/accuracy_mistake_kind": float(correct[kind].mean()) if kind.any() else float("nan"),
+        "eval/accuracy_other": float(correct[~kind].mean()) if (~kind).any() else float("nan"),
+    }
+    samples = [
+        {"prompt": p, "completion": c, "reward": float(r), "correct": bool(k)}
+        for p, c, r, k in list(zip(prompts, texts, rewards, correct))[:n_samples]
+    ]
+    return metrics, samples
+
+
+# --- starting, checkpointing and resuming a run ---------------------------------
+
+
+@dataclasses.dataclass
+class Session:
+    """Everything a chapter's loop needs, set up the same way for every chapter."""
+
+    run: Run
+    model: typing.Any
+    tokenizer: typing.Any
+    model_config: dict
+    task: typing.Any
+    start_step: int = 0
+    rng: np.random.Generator = None
+    trainer_state: dict = None
+
+
+def latest_pretrain_checkpoint(task_name, runs_dir="runs"):
+    """The newest runs/pretrain-*/checkpoint trained on this task, or None."""
+    best = None
+    for ckpt in Path(runs_dir).glob("*/checkpoint"):
+        try:
+            run_cfg = json.loads((ckpt.parent / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if run_cfg.get("command") == "pretrain" and run_cfg.get("task") == task_name:
+            if best is None or ckpt.stat().st_mtime > best.stat().st_mtime:
+                best = ckpt
+    return best
+
+
+def resolve_policy_model(cfg):
+    """RL chapters start from a trained model: --model, else the newest pretrain run for the task."""
+    if cfg.model or cfg.resume:
+        return
+    found = latest_pretrain_checkpoint(cfg.task)
+    if found is None:
+        raise MlxRlError(
+            f"no --model given and no pretrain run for task '{cfg.task}' under runs/: "
+            f"run `mlx-rl pretrain --task {cfg.task}` first, or pass --model DIR"
+        )
+    print(f"starting from {found}")
+    cfg.model = str(found)
+
+
+class Reference:
+    """The frozen reference policy: log-probs without gradients.
+
+    With full fine-tuning it is a second model object holding the starting
+    weights. MLX arrays are immutable and the optimizer replaces (never edits)
+    the policy's arrays, so sharing them at the start costs no copy.
+    """
+
+    def __init__(self, model):
+        self.model = type(model)(model.args)
+        self.model.update(model.parameters())
+        self.model.freeze()
+        self.model.eval()
+        self.calls = 0  # tests check that beta = 0 never evaluates the reference
+
+    def logprobs(self, tokens, temperature=1.0):
+        self.calls += 1
+        return reference_logprobs(self.model, tokens, temperature)
+
+
+def start(command, cfg):
+    """Create (or reopen with --resume) the run directory and load the model."""
+    task = make_task(cfg)
+    if cfg.resume:
+        run, state = Run.open_for_resume(cfg)
+        from mlx_rl.runs import find_checkpoint
+
+        model, tokenizer, model_config = get_model(str(find_checkpoint(run.path)))
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["numpy_rng"]
+        return Session(run, model, tokenizer, model_config, task, state["step"], rng, state)
+    model, tokenizer, model_config = get_model(cfg.model, cfg.preset, cfg.seed)
+    run = Run.create(command, cfg)
+    mx.random.seed(cfg.seed)
+    return Session(run, model, tokenizer, model_config, task, 0, np.random.default_rng(cfg.seed), None)
+
+
+def save(session, step, optimizer, extra_state=None, extra_arrays=None):
+    """extra_arrays: {file name: {name: array}} saved inside the checkpoint (e.g. PPO's value head)."""
+    state = {
+        "step": int(step),
+        "wall_s": session.run.wall_s,
+        "numpy_rng": session.rng.bit_generator.state,
+        **(extra_state or {}),
+    }
+    save_checkpoint(session.run.checkpoint_dir, session.model, session.tokenizer, session.model_config, state, optimizer, extra_arrays=extra_arrays)
+
+
+def restore(session, optimizer):
+    """After building the optimizer: load its state (and MLX's RNG) when resuming."""
+    if session.trainer_state is not None:
+        from mlx_rl.runs import find_checkpoint
+
+        restore_trainer_state(find_checkpoint(session.run.path), optimizer)
+
+
+@contextmanager
+def interruptible(session, get_state):
+    """Ctrl-C finishes the current step, saves a checkpoint, then stops with a one-line message.
+
+    The first Ctrl-C only sets a flag; `Run.log` raises StopRequested after writing
+    that step's metrics, so the checkpoint holds exactly the logged steps and
+    --resume continues as if nothing happened. A second Ctrl-C stops at once,
+    leaving the last periodic checkpoint. get_state() -> (step, optimizer) or
+    (step, optimizer, dict of save()'s keyword arguments).
+    """
+    run = session.run
+
+    def on_sigint(signum, frame):
+        if run.stop_requested:
+            raise KeyboardInterrupt
+        run.stop_requested = True
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit now)", file=sys.stderr)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+    try:
+        yield
+    except StopRequested:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # don't cut the save short
+        step, optimizer, *save_kwargs = get_state()  # optionally a third item: save()'s extra_state / extra_arrays
+        save(session, step, optimizer, **(save_kwargs[0] if save_kwargs else {}))
+        raise MlxRlError(f"interrupted at step {step}; checkpoint saved. Continue with: --resume {run.path}") from None
+    except KeyboardInterrupt:
+        raise MlxRlError(f"stopped; the last periodic checkpoint in {run.path} is intact (--resume {run.path})") from None
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def step_seed(cfg, step):
+    """Seed MLX's RNG from (seed, step) at the start of each step, so --resume samples the same tokens."""
+    mx.random.seed(cfg.seed * 1_000_003 + step)
+
+
+def trainable_parameter_count(model):
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def peak_memory_gb():
+    return mx.get_peak_memory() / 1e9

@@ -1,0 +1,32 @@
+import mlx_rl  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
+import pytest
+
+
+@pytest.fixture(scope="session")
+def micro_model():
+    """A fresh micro model (about 60k parameters) and its tokenizer."""
+    from mlx_rl.models import new_tiny_model
+
+    return new_tiny_model("micro", seed=0)
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint(tmp_path_factory, micro_model):
+    """The micro model saved as an mlx-lm checkpoint directory."""
+    from mlx_rl.models import save_checkpoint
+
+    model, tokenizer, config = micro_model
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint"
+    save_checkpoint(path, model, tokenizer, config)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_micro(tmp_path_factory):
+    """A micro model pretrained briefly on addition via the CLI: (run dir, checkpoint dir)."""
+    from mlx_rl.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "pretrain"
+    main(["pretrain", "--preset", "micro", "--steps", "150", "--batch-size", "32", "--eval-every", "0",
+          "--eval-prompts", "50", "--out", str(out)])
+    return out, out / "checkpoint"

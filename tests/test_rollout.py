@@ -1,0 +1,169 @@
+"""Batched rollouts: shapes, masks, EOS, padding, top-p, and agreement with teacher forcing.
+
+Tolerance: a sampled token's log-prob from the rollout (KV cache, one token at a
+time) and from teacher forcing (one pass over the whole sequence) are the same
+float32 maths in a different order; they agree to 1e-6..2e-6 here, and the
+tests allow 1e-5.
+"""
+
+from types import SimpleNamespace
+
+import mlx_rl  # noqa: F401
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.utils import _get_classes
+
+from mlx_rl.logprobs import completion_batch, token_logprobs
+from mlx_rl.models import new_tiny_model
+from mlx_rl.rollout import PaddedKVCache, batch_cache, distinct_rows, generate, top_p_filter
+
+ATOL = 1e-5
+PROMPTS = ["12+34=", "1+2=", "sort:5391=", "x", "12+34=", "1+2=", "12+34=", "hello"]
+
+
+@pytest.fixture(scope="module")
+def micro():
+    model, tokenizer, _ = new_tiny_model("micro", seed=0)
+    return model, tokenizer
+
+
+def arch_model(model_type, tokenizer, **extra):
+    """A tiny random model of another mlx-lm architecture, sharing the char tokenizer."""
+    config = dict(
+        model_type=model_type, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=32, intermediate_size=128, vocab_size=len(tokenizer.vocab), rms_norm_eps=1e-6,
+        rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=512, **extra,
+    )
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(1)
+    model = model_class(args_class.from_dict(config))
+    mx.eval(model.parameters())
+    return model
+
+
+def teacher_forced(model, rollout, temperature=1.0):
+    """Teacher-forced log-probs of the rollout's completion tokens, laid out like rollout.logprobs."""
+    tokens, mask = completion_batch(rollout.prompt_ids, rollout.completion_ids, rollout.mask)
+    logprobs, _ = token_logprobs(model, tokens, temperature)
+    logprobs, mask = np.array(logprobs), np.array(mask)
+    out = np.zeros(rollout.logprobs.shape, np.float32)
+    for i in range(len(out)):
+        picked = logprobs[i][mask[i] > 0]
+        out[i, : len(picked)] = picked
+    return out
+
+
+def test_shapes_and_masks(micro):
+    model, tokenizer = micro
+    mx.random.seed(0)
+    r = generate(model, tokenizer, PROMPTS, max_new_tokens=6)
+    B = len(PROMPTS)
+    assert r.completion_ids.shape == r.logprobs.shape == r.mask.shape == (B, 6)
+    assert r.completion_ids.dtype == mx.int32 and r.mask.dtype == mx.float32
+    assert r.prompt_ids[0] == tokenizer.encode(PROMPTS[0])
+    assert len(r.finish_reasons) == len(r.texts) == B
+    logprobs = np.array(r.logprobs)
+    assert (logprobs <= 0).all() and (logprobs[np.array(r.mask) > 0] < 0).all()
+
+
+def test_rows_stop_at_their_own_eos(micro):
+    model, tokenizer = micro
+    # Pretend a third of the vocabulary is EOS, so rows stop at different steps.
+    eos = set(range(2, len(tokenizer.vocab), 3))
+    tok = SimpleNamespace(pad_token_id=0, eos_token_ids=eos, encode=tokenizer.encode, decode=tokenizer.decode)
+    mx.random.seed(3)
+    r = generate(model, tok, PROMPTS * 4, max_new_tokens=8)
+    ids, mask, logprobs = np.array(r.completion_ids), np.array(r.mask), np.array(r.logprobs)
+    lengths = mask.sum(axis=1).astype(int)
+    assert len(set(lengths)) > 2  # rows really did stop at different points
+    for row, m, lp, n, reason in zip(ids, mask, logprobs, lengths, r.finish_reasons):
+        assert (m[:n] == 1).all() and (m[n:] == 0).all()  # ones, then zeros
+        assert (row[n:] == 0).all() and (lp[n:] == 0).all()  # pad and zero log-prob after the end
+        assert all(int(t) not in eos for t in row[: n - 1])  # no EOS before the last token
+        if reason == "stop":
+            assert int(row[n - 1]) in eos
+        else:
+            assert n == ids.shape[1] and int(row[n - 1]) not in eos
+
+
+def test_sampling_logprobs_equal_teacher_forced(micro):
+    model, tokenizer = micro
+    mx.random.seed(0)
+    r = generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=1.0)
+    np.testing.assert_allclose(np.array(r.logprobs), teacher_forced(model, r), atol=ATOL)
+
+
+def test_temperature_logprobs_equal_teacher_forced(micro):
+    model, tokenizer = micro
+    mx.random.seed(1)
+    r = generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=0.7)
+    np.testing.assert_allclose(np.array(r.logprobs), teacher_forced(model, r, temperature=0.7), atol=ATOL)
+
+
+def test_top_p_logprobs_are_of_the_truncated_distribution(micro):
+    model, tokenizer = micro
+    mx.random.seed(2)
+    top_p = 0.3
+    r = generate(model, tokenizer, PROMPTS, max_new_tokens=5, top_p=top_p)
+    tokens, mask = completion_batch(r.prompt_ids, r.completion_ids, r.mask)
+    logits = np.array(model(tokens[:, :-1]).astype(mx.float32), dtype=np.float64)  # (B, T-1, V)
+    targets, mask = np.array(tokens[:, 1:]), np.array(mask)
+    got = np.array(r.logprobs)
+    for i in range(len(PROMPTS)):
+        for j, t in enumerate(np.nonzero(mask[i])[0]):
+            logp = logits[i, t] - np.logaddexp.reduce(logits[i, t])
+            order = np.argsort(-logp)
+            before = np.cumsum(np.exp(logp[order])) - np.exp(logp[order])  # mass strictly above each token
+            nucleus = order[before < top_p]
+            assert targets[i, t] in nucleus
+            expected = logp[targets[i, t]] - np.logaddexp.reduce(logp[nucleus])
+            assert abs(got[i, j] - expected) < ATOL
+
+
+def test_top_p_filter_matches_numpy():
+    logprobs = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
+    out = np.exp(np.array(top_p_filter(logprobs, 0.7)))
+    np.testing.assert_allclose(out, [[0.625, 0.375, 0, 0], [0, 0, 0.375, 0.625]], atol=1e-6)
+
+
+def test_padding_in_the_batch_changes_nothing(micro):
+    """Greedy completions of each prompt alone equal those sampled inside a mixed-length batch."""
+    model, tokenizer = micro
+    batch = generate(model, tokenizer, PROMPTS, max_new_tokens=6, temperature=0)
+    for i, p in enumerate(PROMPTS[:4]):
+        alone = generate(model, tokenizer, [p], max_new_tokens=6, temperature=0)
+        n = int(alone.mask.sum().item())
+        assert np.array(alone.completion_ids)[0, :n].tolist() == np.array(batch.completion_ids)[i, :n].tolist()
+        np.testing.assert_allclose(np.array(alone.logprobs)[0, :n], np.array(batch.logprobs)[i, :n], atol=ATOL)
+
+
+def test_repeated_prompts_share_one_prefill_but_sample_independently(micro):
+    model, tokenizer = micro
+    distinct, rows = distinct_rows([[1, 5], [1, 6], [1, 5], [1, 5]])
+    assert distinct == [[1, 5], [1, 6]] and rows == [0, 1, 0, 0]
+    mx.random.seed(0)
+    r = generate(model, tokenizer, ["12+34="] * 16, max_new_tokens=6)
+    assert len({tuple(row) for row in np.array(r.completion_ids).tolist()}) > 8  # rows differ
+    np.testing.assert_allclose(np.array(r.logprobs), teacher_forced(model, r), atol=ATOL)
+
+
+def test_fixed_length_prompts_use_the_maskless_fast_path(micro):
+    model, _ = micro
+    cache = batch_cache(model, 10, [0, 0, 0])
+    assert isinstance(cache[0], PaddedKVCache)
+    assert cache[0].make_mask(1) is None and cache[0].make_mask(4) == "causal"
+    assert batch_cache(model, 10, [0, 2, 1])[0].make_mask(1).shape == (3, 1, 1, 1)
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("llama", {}),
+    ("qwen2", {}),
+    ("gemma3_text", {"sliding_window": 4, "sliding_window_pattern": 2, "query_pre_attn_scalar": 32}),
+])
+def test_other_architectures(micro, model_type, extra):
+    _, tokenizer = micro
+    model = arch_model(model_type, tokenizer, **extra)
+    mx.random.seed(0)
+    r = generate(model, tokenizer, PROMPTS, max_new_tokens=7)
+    np.testing.assert_allclose(np.array(r.logprobs), teacher_forced(model, r), atol=ATOL)
