@@ -17,12 +17,14 @@ from mlx_rl.config import MlxRlError
 COMMANDS = {
     "icemaze": "mlx_rl.icemaze",
     "pretrain": "mlx_rl.pretrain",
+    "kl": "mlx_rl.kl",
     "dpo": "mlx_rl.dpo",
     "dpo-pairs": "mlx_rl.dpo",
     "grpo": "mlx_rl.grpo",
     "ppo": "mlx_rl.ppo",
     "eval": "mlx_rl.evaluate",
     "plot": "mlx_rl.plots",
+    "profile": "mlx_rl.profile",
     "tasks": "mlx_rl.evaluate",
 }
 

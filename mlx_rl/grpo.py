@@ -142,7 +142,7 @@ def make_loss_fn(cfg):
     def loss_fn(model, tokens, mask, advantages, old_logprobs, ref_logprobs, first):
         logprobs, entropy = token_logprobs(model, tokens, cfg.temperature)  # (B, T-1) x 2
         # At the first inner iteration the old policy is the current one: the same numbers, no gradient.
-        old_logprobs = mx.where(first, mx.stop_gradient(logprobs), old_logprobs)
+        old_logprobs = mx.stop_gradient(mx.where(first, logprobs, old_logprobs))
         loss, metrics = grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cfg.clip_eps, cfg.beta, cfg.loss_agg)
         metrics["policy/entropy"] = masked_mean(mx.stop_gradient(entropy), mask)
         metrics["logprobs"] = mx.stop_gradient(logprobs)  # (B, T-1): the old log-probs of later iterations

@@ -84,7 +84,8 @@ class IceMazeConfig:
     algo: str = option("q_learning", "algorithm", choices=ALGOS)
     episodes: typing.Optional[int] = option(None, "training episodes (default: per algorithm and board, see DEFAULT_EPISODES)", min=1)
     gamma: float = option(0.99, "discount factor: return = r_1 + gamma r_2 + gamma^2 r_3 + ...", above=0.0, max=1.0)
-    alpha: float = option(0.1, "q_learning: step size of the TD update", above=0.0, max=1.0)
+    alpha: float = option(0.1, "q_learning: step size of the TD update at the start", above=0.0, max=1.0)
+    alpha_end: float = option(0.01, "q_learning: step size at the end (falls linearly over the run, which steadies Q)", above=0.0, max=1.0)
     epsilon_start: float = option(1.0, "q_learning: exploration rate of the behaviour policy at the start", min=0.0, max=1.0)
     epsilon_end: float = option(0.05, "q_learning: exploration rate after the decay", min=0.0, max=1.0)
     epsilon_decay: float = option(0.5, "q_learning: share of the episodes over which epsilon falls linearly", above=0.0, max=1.0)
@@ -424,9 +425,12 @@ def epsilon_greedy(q, epsilon, rng):
     return ties[0] if len(ties) == 1 else ties[int(rng.random() * len(ties))]
 
 
-def epsilon_at(episode, cfg, episodes):
+def schedules(episode, cfg, episodes):
+    """(epsilon, alpha) for an episode: epsilon falls over the first epsilon_decay of the run, alpha over all of it."""
     frac = min(episode / max(cfg.epsilon_decay * episodes, 1.0), 1.0)
-    return cfg.epsilon_start + frac * (cfg.epsilon_end - cfg.epsilon_start)
+    epsilon = cfg.epsilon_start + frac * (cfg.epsilon_end - cfg.epsilon_start)
+    alpha = cfg.alpha + episode / episodes * (cfg.alpha_end - cfg.alpha)
+    return epsilon, alpha
 
 
 def q_learning_episode(env, Q, epsilon, alpha, gamma, rng):
@@ -535,11 +539,11 @@ def train_q_learning(cfg, env, episodes, run, rng, logger):
     progress = Progress(episodes, desc="q_learning")
     start = time.perf_counter()
     for episode in range(1, episodes + 1):
-        epsilon = epsilon_at(episode - 1, cfg, episodes)
-        ep = q_learning_episode(env, Q, epsilon, cfg.alpha, cfg.gamma, rng)
+        epsilon, alpha = schedules(episode - 1, cfg, episodes)
+        ep = q_learning_episode(env, Q, epsilon, alpha, cfg.gamma, rng)
         logger.add(episode, {
             "charts/return": ep["return"], "charts/length": ep["length"], "charts/success": ep["success"],
-            "charts/epsilon": epsilon, "losses/td_error": ep["td_error"], "values/advantage_taken": ep["advantage"],
+            "charts/epsilon": epsilon, "charts/alpha": alpha, "losses/td_error": ep["td_error"], "values/advantage_taken": ep["advantage"],
             "values/v_start": max(Q[start_s]),  # V(s) = max_a Q(s, a): the value of the greedy target policy
         })
         if episode % logger.every == 0:

@@ -124,7 +124,8 @@ def count_parameters(model):
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
-def save_checkpoint(path, model, tokenizer, config, trainer_state=None, optimizer=None, extra_arrays=None):
+def save_checkpoint(path, model, tokenizer, config, trainer_state=None, optimizer=None, extra_arrays=None,
+                    extra_files=None, save_weights=True):
     """Write an mlx-lm checkpoint atomically; optionally the state needed by --resume.
 
     trainer_state: a JSON-able dict (step, wall_s, numpy RNG state...). With an
@@ -132,12 +133,16 @@ def save_checkpoint(path, model, tokenizer, config, trainer_state=None, optimize
     can't be set back, so chapters that sample reseed it every step from
     (seed, step) instead: see train.step_seed.)
     extra_arrays: {file name: {name: array}}, more safetensors files written in
-    the same atomic swap (e.g. PPO's value_head.safetensors).
+    the same atomic swap (e.g. PPO's value_head.safetensors); a name may hold a
+    folder (LoRA writes adapters/adapters.safetensors).
+    extra_files: {file name: text}, more text files in the same swap (adapters/adapter_config.json).
+    save_weights=False leaves the model's weights out (a LoRA run saved without fusing).
     """
     from mlx_lm.utils import save_config, save_model
 
     tmp = temp_dir_beside(path)
-    save_model(tmp, model)
+    if save_weights:
+        save_model(tmp, model)
     save_config(dict(config), config_path=tmp / "config.json")
     tokenizer.save_pretrained(str(tmp))
     if trainer_state is not None:
@@ -147,7 +152,11 @@ def save_checkpoint(path, model, tokenizer, config, trainer_state=None, optimize
         mx.save_safetensors(str(tmp / "trainer_state.safetensors"), arrays)
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
     for name, arrays in (extra_arrays or {}).items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         mx.save_safetensors(str(tmp / name), arrays)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_text(text)
     swap_in_checkpoint(tmp, path)
 
 

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import typing
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,6 +23,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_rl import lora
 from mlx_rl.config import MlxRlError, RunConfig, option
 from mlx_rl.models import get_model, restore_trainer_state, save_checkpoint
 from mlx_rl.logprobs import reference_logprobs
@@ -44,6 +45,13 @@ class LLMConfig(RunConfig):
     eval_prompts: int = option(500, "number of held-out prompts in each evaluation", min=1)
     chat_template: bool = option(False, "wrap prompts in the tokenizer's chat template")
     compile: bool = option(True, "compile the update step with mx.compile")
+    lora_rank: int = option(0, "train LoRA adapters of this rank instead of all weights (0: full fine-tune)", min=0)
+    lora_layers: int = option(-1, "LoRA: adapt the last N transformer blocks (-1: all)", min=-1)
+    lora_scale: float = option(20.0, "LoRA: scale of the low-rank update (mlx-lm's `scale`, not alpha)", above=0.0)
+    lora_keys: typing.Optional[str] = option(
+        None, "LoRA: comma-separated layers inside a block to adapt, e.g. self_attn.q_proj,self_attn.v_proj (default: every linear layer)"
+    )
+    fuse: bool = option(True, "LoRA: also save the adapters fused into the base as RUN/checkpoint's weights (a plain mlx-lm model)")
 
 
 def make_task(cfg):
@@ -138,6 +146,7 @@ class Session:
     start_step: int = 0
     rng: np.random.Generator = None
     trainer_state: dict = None
+    adapter_config: dict = None  # LoRA runs: mlx-lm's adapter_config.json (None: full fine-tune)
 
 
 def latest_pretrain_checkpoint(task_name, runs_dir="runs"):
@@ -174,9 +183,16 @@ class Reference:
     With full fine-tuning it is a second model object holding the starting
     weights. MLX arrays are immutable and the optimizer replaces (never edits)
     the policy's arrays, so sharing them at the start costs no copy.
+
+    With LoRA the base weights never change, so the reference is the policy
+    itself with its adapters switched off: no second copy at all.
     """
 
     def __init__(self, model):
+        if lora.has_lora(model):
+            self.model = lora.AdaptersOff(model)  # calls run the base: every LoRA layer swapped for its frozen layer
+            self.calls = 0
+            return
         self.model = type(model)(model.args)
         self.model.update(model.parameters())
         self.model.freeze()
@@ -188,9 +204,39 @@ class Reference:
         return reference_logprobs(self.model, tokens, temperature)
 
 
+def check_model(cfg, model, tokenizer):
+    """One-line errors for settings the loaded model can't honour."""
+    if getattr(cfg, "chat_template", False) and not getattr(tokenizer, "has_chat_template", True):
+        raise MlxRlError(f"--chat-template: the tokenizer of {cfg.model or 'the new model'} has no chat template (use --no-chat-template)")
+    if not getattr(cfg, "lora_rank", 0):
+        if lora.is_quantized(model):
+            raise MlxRlError(f"--model {cfg.model} is quantised: its weights can't be trained directly; train LoRA adapters (--lora-rank 8)")
+    elif not cfg.model:
+        raise MlxRlError("LoRA adapts an existing checkpoint: pass --model DIR (or a hub name) with --lora-rank")
+
+
+def setup_lora(model, cfg):
+    """Freeze the model and add LoRA adapters as cfg asks; returns mlx-lm's adapter config."""
+    keys = [k.strip() for k in cfg.lora_keys.split(",") if k.strip()] if cfg.lora_keys else None
+    adapter_config = lora.apply_lora(model, cfg.lora_rank, cfg.lora_layers, cfg.lora_scale, keys, base=cfg.model)
+    print(lora.describe(model, adapter_config))
+    return adapter_config
+
+
 def start(command, cfg):
     """Create (or reopen with --resume) the run directory and load the model."""
     task = make_task(cfg)
+    if cfg.resume and getattr(cfg, "lora_rank", 0):
+        # LoRA: the base is --model, unchanged; the checkpoint holds the adapters (and the base fused with them).
+        run, state = Run.open_for_resume(cfg)
+        from mlx_rl.runs import find_checkpoint
+
+        model, tokenizer, model_config = get_model(cfg.model)
+        adapter_config = setup_lora(model, cfg)
+        lora.load_adapter_weights(model, find_checkpoint(run.path) / "adapters")
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["numpy_rng"]
+        return Session(run, model, tokenizer, model_config, task, state["step"], rng, state, adapter_config)
     if cfg.resume:
         run, state = Run.open_for_resume(cfg)
         from mlx_rl.runs import find_checkpoint
@@ -200,9 +246,11 @@ def start(command, cfg):
         rng.bit_generator.state = state["numpy_rng"]
         return Session(run, model, tokenizer, model_config, task, state["step"], rng, state)
     model, tokenizer, model_config = get_model(cfg.model, cfg.preset, cfg.seed)
+    check_model(cfg, model, tokenizer)
     run = Run.create(command, cfg)
     mx.random.seed(cfg.seed)
-    return Session(run, model, tokenizer, model_config, task, 0, np.random.default_rng(cfg.seed), None)
+    adapter_config = setup_lora(model, cfg) if getattr(cfg, "lora_rank", 0) else None
+    return Session(run, model, tokenizer, model_config, task, 0, np.random.default_rng(cfg.seed), None, adapter_config)
 
 
 def save(session, step, optimizer, extra_state=None, extra_arrays=None):
@@ -213,7 +261,17 @@ def save(session, step, optimizer, extra_state=None, extra_arrays=None):
         "numpy_rng": session.rng.bit_generator.state,
         **(extra_state or {}),
     }
-    save_checkpoint(session.run.checkpoint_dir, session.model, session.tokenizer, session.model_config, state, optimizer, extra_arrays=extra_arrays)
+    if session.adapter_config is None:
+        save_checkpoint(session.run.checkpoint_dir, session.model, session.tokenizer, session.model_config, state, optimizer, extra_arrays=extra_arrays)
+        return
+    # LoRA: RUN/checkpoint/adapters/ in mlx-lm's format (`--adapter-path`, with the base model), and,
+    # with --fuse, the base fused with the adapters as the checkpoint's own weights.
+    fuse = getattr(session.run.config, "fuse", True)
+    arrays = {**(extra_arrays or {}), "adapters/adapters.safetensors": lora.adapter_weights(session.model)}
+    files = {"adapters/adapter_config.json": json.dumps(session.adapter_config, indent=2) + "\n"}
+    with lora.fused(session.model) if fuse else nullcontext():
+        save_checkpoint(session.run.checkpoint_dir, session.model, session.tokenizer, session.model_config, state, optimizer,
+                        extra_arrays=arrays, extra_files=files, save_weights=fuse)
 
 
 def restore(session, optimizer):

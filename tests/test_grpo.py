@@ -1,0 +1,220 @@
+"""GRPO: the loss against a per-token Python loop, the exact first-iteration ratio, gradients,
+the reference left alone at beta = 0, zero-signal groups, and a CLI smoke run with --resume."""
+
+import json
+import math
+
+import mlx_rl  # noqa: F401  (preloads OpenBLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_rl import grpo, train
+from mlx_rl.cli import main
+from mlx_rl.models import new_tiny_model, param_diff, save_checkpoint
+from mlx_rl.runs import PhaseTimer
+from mlx_rl.tasks import get_task
+
+
+# --- the maths against slow references ----------------------------------------------
+
+
+def loop_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps, beta, loss_agg):
+    """GRPO's -J written the slow way: one token at a time, plain Python floats."""
+    B, T = logprobs.shape
+    per_seq, all_terms, clipped, n_tokens = [], [], 0, 0
+    for b in range(B):
+        terms = []
+        for t in range(T):
+            if mask[b, t] == 0:
+                continue
+            ratio = math.exp(logprobs[b, t] - old_logprobs[b, t])
+            a = advantages[b]
+            objective = min(ratio * a, max(1 - clip_eps, min(ratio, 1 + clip_eps)) * a)
+            logr = ref_logprobs[b, t] - logprobs[b, t]
+            kl = math.exp(logr) - logr - 1
+            terms.append(-objective + beta * kl)
+            clipped += (ratio > 1 + clip_eps and a > 0) or (ratio < 1 - clip_eps and a < 0)
+            n_tokens += 1
+        per_seq.append(sum(terms) / len(terms) if terms else 0.0)
+        all_terms += terms
+    loss = sum(per_seq) / B if loss_agg == "sequence" else sum(all_terms) / n_tokens
+    return loss, clipped / n_tokens
+
+
+@pytest.mark.parametrize("loss_agg", ["sequence", "token"])
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_loss_matches_per_token_loop(loss_agg, beta):
+    rng = np.random.default_rng(0)
+    B, T = 6, 9
+    logprobs = rng.normal(-1.5, 0.5, (B, T)).astype(np.float32)
+    old_logprobs = (logprobs + rng.normal(0, 0.3, (B, T))).astype(np.float32)  # ratios well past the clip
+    ref_logprobs = (logprobs + rng.normal(0, 0.5, (B, T))).astype(np.float32)
+    advantages = rng.normal(0, 1, B).astype(np.float32)
+    mask = (rng.random((B, T)) < 0.7).astype(np.float32)
+    mask[:, 0] = 1  # every row has a token
+    mask[-1, 1:] = 0  # and one row has just one
+    loss, metrics = grpo.grpo_loss(*map(mx.array, (logprobs, old_logprobs, ref_logprobs, advantages, mask)),
+                                   clip_eps=0.2, beta=beta, loss_agg=loss_agg)
+    want_loss, want_clipfrac = loop_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, 0.2, beta, loss_agg)
+    assert loss.item() == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
+    assert metrics["policy/clipfrac"].item() == pytest.approx(want_clipfrac, abs=1e-6)
+    assert 0 < want_clipfrac < 1
+    ratios = np.exp(logprobs - old_logprobs)[mask > 0]
+    assert metrics["policy/ratio_min"].item() == pytest.approx(ratios.min(), rel=1e-5)
+    assert metrics["policy/ratio_max"].item() == pytest.approx(ratios.max(), rel=1e-5)
+    assert ("kl/k3" in metrics) == (beta > 0)
+
+
+def test_aggregations_differ_only_in_weighting():
+    per_token = mx.array([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = mx.array([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    assert grpo.sequence_mean(per_token, mask).item() == pytest.approx((1.0 + 4.0) / 2)
+    assert grpo.token_mean(per_token, mask).item() == pytest.approx((4 * 1.0 + 4.0) / 5)
+
+
+def test_group_advantages():
+    rewards = np.array([[1.1, 0.1, 0.2, 0.1], [0.3, 0.3, 0.3, 0.3], [0.0, 0.0, 0.0, 0.0]])
+    advantages, zero_signal = grpo.group_advantages(rewards)
+    assert zero_signal.tolist() == [False, True, True]
+    assert np.all(advantages[1:] == 0.0)  # exactly 0, though 0.3 - mean(0.3 x 4) is not in floating point
+    r = rewards[0]
+    np.testing.assert_allclose(advantages[0], (r - r.mean()) / (r.std() + 1e-4), rtol=1e-5)
+    unscaled, _ = grpo.group_advantages(rewards, scale_std=False)
+    np.testing.assert_allclose(unscaled[0], r - r.mean(), rtol=1e-5)
+    assert np.all(unscaled[1:] == 0.0)
+
+
+# --- on a tiny random model -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def micro():
+    model, tokenizer, config = new_tiny_model("micro", seed=0)
+    return model, tokenizer, config
+
+
+def batch_for(model, tokenizer, task, n_prompts=3, group=4):
+    prompts = task.prompts("train", n_prompts, seed=0)
+    cfg = grpo.GRPOConfig(group_size=group)
+    group_prompts = [p for p in prompts for _ in range(group)]
+    rollout = grpo.generate(model, tokenizer, group_prompts, task.max_new_tokens, 1.0)
+    N = task.max_new_tokens
+    tokens, mask = grpo.completion_batch(rollout.prompt_ids, grpo.pad_columns(rollout.completion_ids, N),
+                                         grpo.pad_columns(rollout.mask, N), 0)
+    advantages = mx.array(np.random.default_rng(1).normal(size=len(group_prompts)).astype(np.float32))
+    return cfg, tokens, mask, advantages
+
+
+def test_first_inner_iteration_has_ratio_exactly_one(micro):
+    model, tokenizer, config = micro
+    model = type(model)(model.args)
+    model.update(micro[0].parameters())  # a copy: this test takes optimizer steps
+    task = get_task("addition")
+    cfg, tokens, mask, advantages = batch_for(model, tokenizer, task)
+    optimizer = train.make_optimizer(1e-2, 10)
+    update = train.make_update(model, optimizer, grpo.make_loss_fn(cfg), compile=True)  # as the runs use it
+    before, _ = grpo.token_logprobs(model, tokens, cfg.temperature)  # a separate teacher-forced pass
+    zeros = mx.zeros(mask.shape)
+    timer = PhaseTimer()
+    _, m1, _ = update(tokens, mask, advantages, zeros, zeros, mx.array(True), timer=timer)
+    assert m1["policy/ratio_min"].item() == 1.0 and m1["policy/ratio_max"].item() == 1.0
+    assert m1["policy/ratio_mean"].item() == 1.0
+    assert m1["policy/clipfrac"].item() == 0.0 and m1["kl/approx"].item() == 0.0
+    old = m1["logprobs"]  # the old policy's log-probs, out of the first pass
+    np.testing.assert_allclose(np.array(old), np.array(before), atol=1e-5)
+    _, m2, _ = update(tokens, mask, advantages, old, zeros, mx.array(False), timer=timer)
+    assert m2["policy/ratio_min"].item() < 1.0 < m2["policy/ratio_max"].item()  # the policy moved
+    assert m2["kl/approx"].item() > 0
+
+
+def test_gradients_reach_every_trainable_parameter(micro):
+    model, tokenizer, _ = micro
+    task = get_task("addition")
+    cfg, tokens, mask, advantages = batch_for(model, tokenizer, task)
+    cfg.beta = 0.1
+    ref_logprobs = train.Reference(model).logprobs(tokens) - 0.1  # a reference that differs
+    loss_fn = grpo.make_loss_fn(cfg)
+    value_and_grad = nn.value_and_grad(model, lambda *a: loss_fn(model, *a))
+    old = mx.zeros(mask.shape)
+    (loss, _), grads = value_and_grad(tokens, mask, advantages, old, ref_logprobs, mx.array(True))
+    flat = tree_flatten(grads)
+    assert len(flat) == len(tree_flatten(model.trainable_parameters()))
+    for name, g in flat:
+        assert mx.abs(g).max().item() > 0, f"no gradient reaches {name}"
+
+
+class CountingReference:
+    def __init__(self, model):
+        self.inner = train.Reference(model)
+        self.calls = 0
+
+    def logprobs(self, tokens, temperature=1.0):
+        self.calls += 1
+        return self.inner.logprobs(tokens, temperature)
+
+
+def step_once(micro, beta, reward_fn, inner_iters=1):
+    base, tokenizer, _ = micro
+    model = type(base)(base.args)
+    model.update(base.parameters())
+    task = get_task("addition")
+    cfg = grpo.GRPOConfig(group_size=4, prompts_per_step=3, beta=beta, inner_iters=inner_iters)
+    optimizer = train.make_optimizer(1e-3, 10)
+    update = train.make_update(model, optimizer, grpo.make_loss_fn(cfg), compile=False)
+    reference = CountingReference(model)
+    prompts = task.prompts("train", 3, seed=0)
+    timer = PhaseTimer()
+    row, samples = grpo.grpo_step(model, tokenizer, task, prompts, cfg, update, reference, timer, reward_fn)
+    return model, reference, row, timer.pop()
+
+
+def varied_reward(prompt, completion):
+    return float(len(completion) + sum(map(ord, completion)) % 7)  # differs between samples
+
+
+def test_beta_zero_never_evaluates_the_reference(micro):
+    model, reference, row, times = step_once(micro, 0.0, varied_reward)
+    assert row["grpo/skipped"] == 0.0 and param_diff(model.parameters(), micro[0].parameters()) > 0
+    assert reference.calls == 0 and reference.inner.calls == 0
+    assert "kl/k3" not in row and "time/reference_s" not in times
+    model, reference, row, times = step_once(micro, 0.05, varied_reward, inner_iters=2)
+    assert reference.calls == 1  # once per batch, not per inner iteration
+    assert row["kl/k3"] >= 0 and "time/reference_s" in times
+
+
+def test_all_zero_signal_batch_takes_no_step(micro):
+    model, reference, row, times = step_once(micro, 0.05, lambda p, c: 0.5)
+    assert row["grpo/zero_signal_frac"] == 1.0 and row["grpo/skipped"] == 1.0
+    assert param_diff(model.parameters(), micro[0].parameters()) == 0.0
+    assert "time/forward_backward_s" not in times and reference.calls == 0
+
+
+# --- the command ------------------------------------------------------------------------
+
+
+def test_cli_smoke_and_resume(tmp_path, micro):
+    model, tokenizer, config = micro
+    ckpt = tmp_path / "start"
+    save_checkpoint(ckpt, model, tokenizer, config)
+    out = tmp_path / "run"
+    args = ["grpo", "--model", str(ckpt), "--out", str(out), "--prompts-per-step", "2", "--group-size", "4",
+            "--eval-prompts", "4", "--eval-every", "1", "--beta", "0.05", "--inner-iters", "2"]
+    main(args + ["--steps", "2"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert "eval/accuracy" in rows[0] and "grpo/zero_signal_frac" in rows[2] and "time/generate_s" in rows[2]
+    assert (out / "checkpoint" / "model.safetensors").exists() and (out / "plots" / "reward.png").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and "start_accuracy" in summary
+    main(["grpo", "--resume", str(out), "--steps", "3"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+
+
+def test_cli_rejects_bad_settings(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["grpo", "--model", str(tmp_path), "--clip-eps", "0"])
+    assert e.value.code == 2
