@@ -66,20 +66,22 @@ from mlx_rl.tasks import get_task
 
 @dataclasses.dataclass
 class DPOConfig(train.LLMConfig):
-    steps: int = option(0, "stop after this many steps (0: run --epochs full passes over the pairs)", min=0)
+    steps: int = option(0, "stop after this many steps in all (0: no limit; rounds x epochs decide)", min=0)
     pairs: typing.Optional[str] = option(None, "JSONL file of preference pairs (default: build pairs on-policy from --task)")
+    rounds: int = option(6, "on-policy rounds: sample fresh pairs from the current policy, train on them (--pairs: one round)", min=1)
+    epochs: int = option(1, "passes over each round's pairs", min=1)
     beta: float = option(0.1, "temperature of the DPO loss: how far the policy may move from the reference", above=0.0)
     loss_type: str = option("sigmoid", "loss: sigmoid (DPO) or ipo", choices=["sigmoid", "ipo"])
     label_smoothing: float = option(0.0, "assumed share of flipped labels (conservative DPO; sigmoid loss only)", min=0.0, max=0.5)
+    rpo_alpha: float = option(1.0, "weight of the chosen answers' per-token NLL added to the loss (0: plain DPO)", min=0.0)
     batch_size: int = option(8, "preference pairs per step", min=1)
-    lr: float = option(1e-4, "learning rate (AdamW)", above=0.0)
+    lr: float = option(5e-5, "learning rate (AdamW)", above=0.0)
     warmup: int = option(10, "linear learning-rate warm-up steps", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
-    epochs: int = option(2, "passes over the pairs (when --steps is 0)", min=1)
-    pair_prompts: int = option(1024, "on-policy pairs: training prompts to sample answers for", min=1)
+    pair_prompts: int = option(256, "on-policy pairs: training prompts per round to sample answers for", min=1)
     samples_per_prompt: int = option(8, "on-policy pairs: answers sampled per prompt", min=2)
     pair_temperature: float = option(1.0, "on-policy pairs: sampling temperature", above=0.0)
-    eval_every: int = option(20, "evaluate held-out greedy accuracy every N steps (0: only before and after)", min=0)
+    eval_every: int = option(0, "also evaluate held-out greedy accuracy every N steps (0: before training and after each round)", min=0)
 
     def validate(self):
         if self.label_smoothing > 0 and self.loss_type != "sigmoid":
@@ -121,13 +123,24 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, los
     return losses.mean(), metrics
 
 
-def make_loss_fn(beta, loss_type="sigmoid", label_smoothing=0.0):
+def chosen_nll(policy_chosen, chosen_lengths):
+    """Per-token negative log-likelihood of the chosen answers (the RPO term). (B,), (B,) -> ()"""
+    return -policy_chosen.sum() / mx.maximum(chosen_lengths.sum(), 1.0)
+
+
+def make_loss_fn(beta, loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=0.0):
     """loss_fn(model, tokens (2B, T), mask (2B, T-1), ref_logps (2B,)): chosen rows first, then rejected."""
 
     def loss_fn(model, tokens, mask, ref_logps):
         logps = sequence_logprobs(model, tokens, mask)  # (2B,) completion tokens only
         B = logps.shape[0] // 2
-        return dpo_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], beta, loss_type, label_smoothing)
+        loss, metrics = dpo_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], beta, loss_type, label_smoothing)
+        metrics["loss/dpo"] = loss
+        if rpo_alpha > 0:
+            nll = chosen_nll(logps[:B], mask[:B].sum(axis=1))
+            metrics["loss/nll"] = nll
+            loss = loss + rpo_alpha * nll
+        return loss, metrics
 
     return loss_fn
 
@@ -280,7 +293,8 @@ def build_pairs(model, tokenizer, task, prompts, samples_per_prompt, temperature
     """Sample answers, score them with the task reward, pair the best with the worst of each prompt.
 
     Returns (Pairs with the sampled token ids, JSONL rows, metrics). Prompts
-    whose answers all score the same make no pair and are counted as skipped.
+    whose answers all score the same make no pair and are counted as skipped
+    (so are the rare pairs with an empty answer, which the JSONL format can't hold).
     """
     timer = timer or PhaseTimer()
     k = samples_per_prompt
@@ -301,9 +315,11 @@ def build_pairs(model, tokenizer, task, prompts, samples_per_prompt, temperature
     pairs, jsonl = Pairs([], [], []), []
     for i, prompt in enumerate(prompts):
         best, worst = int(rewards[i].argmax()), int(rewards[i].argmin())
+        b, w = i * k + best, i * k + worst
         if rewards[i, best] == rewards[i, worst]:
             continue  # no preference to learn from
-        b, w = i * k + best, i * k + worst
+        if not (texts[b].strip() and texts[w].strip()):
+            continue  # an empty answer (EOS at once) can't be written as a pair; skip it
         pairs.prompt_ids.append(prompt_ids[b])
         pairs.chosen_ids.append(ids[b][: sum(masks[b])])  # the sampled ids, EOS included, never re-tokenised
         pairs.rejected_ids.append(ids[w][: sum(masks[w])])
@@ -323,30 +339,40 @@ def build_pairs(model, tokenizer, task, prompts, samples_per_prompt, temperature
 # --- the run ----------------------------------------------------------------------------
 
 
-def batch_order(n_pairs, batch_size, seed, epoch):
-    """The batches of one epoch: a fresh shuffle per epoch, reproducible from (seed, epoch) for --resume."""
-    order = np.random.default_rng([seed, epoch]).permutation(n_pairs)
+def batch_order(n_pairs, batch_size, seed):
+    """One epoch's batches: a shuffle reproducible from seed (for --resume), ragged end dropped (one shape to compile)."""
+    order = np.random.default_rng(seed).permutation(n_pairs)
     size = min(batch_size, n_pairs)
-    return [order[i : i + size] for i in range(0, n_pairs - size + 1, size)]  # drop the ragged end: one shape to compile
+    return [order[i : i + size] for i in range(0, n_pairs - size + 1, size)]
 
 
-def prepare_pairs(cfg, session, timer):
-    """Pairs for this run (from --pairs or built on-policy), with reference log-probs; saved for --resume."""
+def round_batches(n_pairs, cfg, round_index):
+    return [b for epoch in range(cfg.epochs) for b in batch_order(n_pairs, cfg.batch_size, [cfg.seed, round_index, epoch])]
+
+
+def prepare_pairs(cfg, session, round_index, step, timer):
+    """One round's pairs (from --pairs, or sampled from the current policy) with their reference log-probs.
+
+    The reference is the policy as it is now, before this round's first update:
+    its log-probs are computed once per pair and stored (RUN/pair_tokens.json,
+    which --resume reads back).
+    """
     model, tokenizer, task, run = session.model, session.tokenizer, session.task, session.run
-    pad_id = tokenizer.pad_token_id or 0
     metrics = {}
     if cfg.pairs:
         pairs = tokenize_pairs(read_pairs(cfg.pairs), tokenizer, cfg.chat_template)
+        metrics["pairs/count"] = len(pairs)
     else:
-        prompts = task.prompts("train", cfg.pair_prompts, seed=cfg.seed)
+        prompts = task.prompts("train", cfg.pair_prompts, seed=cfg.seed * 1000 + round_index)
         pairs, rows, metrics = build_pairs(model, tokenizer, task, prompts, cfg.samples_per_prompt, cfg.pair_temperature, cfg.chat_template, timer)
-        write_pairs(run.path / "pairs.jsonl", rows)
+        write_pairs(run.path / f"pairs-round{round_index}.jsonl", rows)
         if len(pairs) == 0:
-            raise MlxRlError(f"no pairs: all {cfg.samples_per_prompt} answers to every prompt scored the same; "
-                             "try more --samples-per-prompt or a higher --pair-temperature")
+            print(f"round {round_index}: no pairs (every prompt's {cfg.samples_per_prompt} answers scored the same); "
+                  "skipping it. More --samples-per-prompt or a higher --pair-temperature find more.")
+            return pairs, metrics
     with timer("reference"):
-        compute_reference(model, pairs, pad_id)
-    atomic_write_json(run.path / "pair_tokens.json", pairs.to_json())
+        compute_reference(model, pairs, tokenizer.pad_token_id or 0)
+    atomic_write_json(run.path / "pair_tokens.json", {"round": round_index, "start_step": step, **pairs.to_json()})
     return pairs, metrics
 
 
@@ -355,55 +381,70 @@ def run_dpo(cfg):
     session = train.start("dpo", cfg)
     model, tokenizer, task, run = session.model, session.tokenizer, session.task, session.run
     pad_id = tokenizer.pad_token_id or 0
+    rounds = 1 if cfg.pairs else cfg.rounds
     timer = PhaseTimer()
     heldout = task.prompts("heldout", cfg.eval_prompts, seed=cfg.seed)
-
-    if session.start_step == 0:
-        pairs, row = prepare_pairs(cfg, session, timer)
-        with timer("eval"):
-            before, samples = train.evaluate(model, tokenizer, task, heldout, cfg.chat_template)
-        run.log_samples(0, samples)
-        run.log(0, {**row, **before, **timer.pop()})
-        print(f"{len(pairs)} pairs; held-out greedy accuracy before DPO {before['eval/accuracy']:.1%}")
-    else:
-        pairs = Pairs.from_json(json.loads((run.path / "pair_tokens.json").read_text()))
-        before = {k: v for k, v in run.metrics()[0].items() if k.startswith("eval/")}
-
-    epochs = [batch_order(len(pairs), cfg.batch_size, cfg.seed, 0)]
-    total = cfg.steps or cfg.epochs * len(epochs[0])
-    optimizer = train.make_optimizer(cfg.lr, total, cfg.warmup, cfg.weight_decay)
+    optimizer = train.make_optimizer(cfg.lr, cfg.steps, cfg.warmup, cfg.weight_decay)
     train.restore(session, optimizer)
-    update = train.make_update(model, optimizer, make_loss_fn(cfg.beta, cfg.loss_type, cfg.label_smoothing), cfg.max_grad_norm, cfg.compile)
-    progress = Progress(total, session.start_step, desc="dpo")
+    loss_fn = make_loss_fn(cfg.beta, cfg.loss_type, cfg.label_smoothing, cfg.rpo_alpha)
+    if cfg.compile:  # one compiled graph for gradient + clipping + AdamW: the step is overhead-bound
+        update = train.make_fused_update(model, optimizer, loss_fn, cfg.max_grad_norm)
+    else:
+        update = train.make_update(model, optimizer, loss_fn, cfg.max_grad_norm, compile=False)
     step = session.start_step
-    metrics = dict(before)
+    before, metrics, row = {}, {}, {}
+    progress = None
 
     with train.interruptible(session, lambda: (step, optimizer)):
-        while step < total:
-            epoch, i = divmod(step, len(epochs[0]))
-            while len(epochs) <= epoch:
-                epochs.append(batch_order(len(pairs), cfg.batch_size, cfg.seed, len(epochs)))
-            with timer("data"):
-                tokens, mask, ref = pair_batch(pairs, epochs[epoch][i], pad_id)
-            loss, aux, grad_norm = update(tokens, mask, ref, timer=timer)
-            step += 1
-            row = {"loss/total": loss.item(), **{k: v.item() for k, v in aux.items()},
-                   "optim/grad_norm": grad_norm.item(), "optim/lr": train.current_lr(optimizer), "epoch": epoch}
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
-                with timer("eval"):
-                    metrics, samples = train.evaluate(model, tokenizer, task, heldout, cfg.chat_template)
-                row.update(metrics)
-                run.log_samples(step, samples)
-                train.save(session, step, optimizer)
-            row.update(timer.pop())
-            row["perf/peak_memory_gb"] = train.peak_memory_gb()
-            run.log(step, row)
-            progress.update(step, loss=row["loss/total"], margin=row["dpo/margin"], acc=metrics.get("eval/accuracy", float("nan")))
+        if step == 0:
+            with timer("eval"):
+                before, samples = train.evaluate(model, tokenizer, task, heldout, cfg.chat_template)
+            run.log_samples(0, samples)
+            run.log(0, {**before, **timer.pop()})
+            print(f"held-out greedy accuracy before DPO {before['eval/accuracy']:.1%}")
+            round_index, round_start, pairs = 0, 0, None
+        else:  # --resume: carry on with the round the checkpoint is in
+            before = {k: v for k, v in run.metrics()[0].items() if k.startswith("eval/")}
+            saved = json.loads((run.path / "pair_tokens.json").read_text())
+            round_index, round_start, pairs = saved["round"], saved["start_step"], Pairs.from_json(saved)
+            if step >= round_start + len(round_batches(len(pairs), cfg, round_index)):
+                round_index, round_start, pairs = round_index + 1, step, None
+        metrics = dict(before)
+        progress = Progress(rounds, round_index, every=1, desc="dpo rounds")
+
+        while round_index < rounds and not (cfg.steps and step >= cfg.steps):
+            pair_metrics = {}
+            if pairs is None:
+                train.step_seed(cfg, step)  # --resume samples the same pairs again
+                pairs, pair_metrics = prepare_pairs(cfg, session, round_index, step, timer)
+            batches = round_batches(len(pairs), cfg, round_index) if len(pairs) else []
+            for i in range(step - round_start, len(batches)):
+                with timer("data"):
+                    tokens, mask, ref = pair_batch(pairs, batches[i], pad_id)
+                loss, aux, grad_norm = update(tokens, mask, ref, timer=timer)
+                step += 1
+                last = i == len(batches) - 1 or step == cfg.steps
+                row = {"loss/total": loss.item(), **{k: v.item() for k, v in aux.items()}, **pair_metrics,
+                       "optim/grad_norm": grad_norm.item(), "optim/lr": train.current_lr(optimizer), "dpo/round": round_index}
+                pair_metrics = {}  # logged with the round's first step
+                if last or (cfg.eval_every and step % cfg.eval_every == 0):
+                    with timer("eval"):
+                        metrics, samples = train.evaluate(model, tokenizer, task, heldout, cfg.chat_template)
+                    row.update(metrics)
+                    run.log_samples(step, samples)
+                    train.save(session, step, optimizer)
+                row.update(timer.pop())
+                row["perf/peak_memory_gb"] = train.peak_memory_gb()
+                run.log(step, row)
+                if last:
+                    break
+            round_index, round_start, pairs = round_index + 1, step, None
+            progress.update(round_index, steps=step, loss=row["loss/total"], acc=metrics.get("eval/accuracy", float("nan")))
     progress.close()
 
     plot_run(run.path)
     summary = run.write_summary(
-        steps=step, pairs=len(pairs), accuracy_before=before.get("eval/accuracy"),
+        steps=step, rounds=round_index, accuracy_before=before.get("eval/accuracy"),
         **metrics, checkpoint=str(run.checkpoint_dir),
     )
     print(f"held-out greedy accuracy {before.get('eval/accuracy', math.nan):.1%} -> {metrics['eval/accuracy']:.1%} "

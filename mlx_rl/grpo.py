@@ -46,8 +46,8 @@ import numpy as np
 
 from mlx_rl import train
 from mlx_rl.config import command, option
+from mlx_rl.kl import k3  # (r - 1) - log r: per-token estimate of KL(policy || reference), never negative
 from mlx_rl.logprobs import completion_batch, masked_mean, token_logprobs
-from mlx_rl.models import get_model
 from mlx_rl.plots import plot_run
 from mlx_rl.rollout import generate
 from mlx_rl.runs import PhaseTimer, Progress
@@ -55,12 +55,12 @@ from mlx_rl.runs import PhaseTimer, Progress
 
 @dataclasses.dataclass
 class GRPOConfig(train.LLMConfig):
-    steps: int = option(120, "number of GRPO steps (one rollout batch each)", min=1)
+    steps: int = option(60, "number of GRPO steps (one rollout batch each)", min=1)
     group_size: int = option(8, "completions sampled per prompt (G)", min=2)
     prompts_per_step: int = option(32, "prompts per step (the batch is prompts_per_step x group_size)", min=1)
     inner_iters: int = option(2, "update iterations on each rollout batch (mu)", min=1)
     clip_eps: float = option(0.2, "clip the importance ratio to [1 - eps, 1 + eps]", above=0.0)
-    beta: float = option(0.0, "KL penalty coefficient to the frozen reference (0: no reference is computed)", min=0.0)
+    beta: float = option(0.04, "KL penalty coefficient to the frozen reference (0: no reference is computed)", min=0.0)
     scale_std: bool = option(True, "divide advantages by the group's reward std (--no-scale-std: Dr. GRPO)")
     loss_agg: str = option("sequence", "average the per-token loss per sequence then over the batch, or over all tokens",
                            choices=["sequence", "token"])
@@ -68,7 +68,7 @@ class GRPOConfig(train.LLMConfig):
     warmup: int = option(0, "linear learning-rate warm-up steps", min=0)
     temperature: float = option(1.0, "sampling temperature of the rollouts (and of the optimised distribution)", above=0.0)
     max_new_tokens: int = option(0, "longest completion (0: the task's answer length + EOS)", min=0)
-    eval_every: int = option(20, "evaluate held-out greedy accuracy every N steps (0: only at start and end)", min=0)
+    eval_every: int = option(10, "evaluate held-out greedy accuracy every N steps (0: only at start and end)", min=0)
 
 
 # --- the maths: pure functions of arrays --------------------------------------
@@ -88,11 +88,6 @@ def group_advantages(rewards, scale_std=True, eps=1e-4):
     return advantages, zero_signal
 
 
-def k3(logr):
-    """Unbiased, always >= 0 estimate of KL(pi || ref) from tokens sampled by pi; logr = log ref - log pi."""
-    return mx.exp(logr) - logr - 1
-
-
 def sequence_mean(per_token, mask):
     """Mean over each sequence's tokens, then over sequences (GRPO paper). (B, T) -> ()"""
     return ((per_token * mask).sum(axis=1) / mx.maximum(mask.sum(axis=1), 1.0)).mean()
@@ -107,7 +102,11 @@ AGGREGATE = {"sequence": sequence_mean, "token": token_mean}
 
 
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0.2, beta=0.0, loss_agg="sequence"):
-    """The GRPO loss -J. Per-token arrays are (B, T), advantages (B,). Returns (loss, metrics)."""
+    """The GRPO loss -J. Per-token arrays are (B, T), advantages (B,). Returns (loss, metrics).
+
+    (Metrics reuse the loss's own nodes: MLX 0.32's compiled value_and_grad fails with
+    "_Map_base::at" when an aux output is a second copy of an expression inside the loss.)
+    """
     adv = advantages[:, None]  # (B, 1): every token of a completion shares its advantage
     ratio = mx.exp(logprobs - old_logprobs)  # (B, T)
     clipped_ratio = mx.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # (B, T)
@@ -116,10 +115,10 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0
     policy_loss = -aggregate(policy_term, mask)
     loss, metrics = policy_loss, {"loss/policy": policy_loss}
     if beta > 0:  # with beta = 0 the reference log-probs are never looked at
-        kl = k3(ref_logprobs - logprobs)  # (B, T)
-        kl_loss = aggregate(kl, mask)
-        loss = loss + beta * kl_loss
-        metrics.update({"loss/kl": beta * kl_loss, "kl/k3": masked_mean(kl, mask)})
+        kl = aggregate(k3(ref_logprobs - logprobs), mask)  # averaged as the policy term is
+        kl_term = beta * kl
+        loss = policy_loss + kl_term
+        metrics.update({"loss/kl": kl_term, "kl/k3": kl})
     # The clip is active where it removes the gradient: ratio past the edge in the advantage's direction.
     clipped = ((ratio > 1.0 + clip_eps) & (adv > 0)) | ((ratio < 1.0 - clip_eps) & (adv < 0))  # (B, T)
     metrics.update({
@@ -189,7 +188,8 @@ def grpo_step(model, tokenizer, task, prompts, cfg, update, reference, timer, re
 
     row = {
         "reward/mean": float(rewards.mean()),
-        "reward/std": float(rewards.std(axis=1).mean()),  # the within-group spread the advantages see
+        "reward/std": float(rewards.std()),
+        "grpo/group_reward_std": float(rewards.std(axis=1).mean()),  # the spread the advantages see
         "train/accuracy": float(correct.mean()),
         "policy/completion_len": float(np.asarray(rollout.mask).sum(axis=1).mean()),
         "grpo/zero_signal_frac": float(zero_signal.mean()),
@@ -231,9 +231,8 @@ def run_grpo(cfg):
     model, tokenizer, task, run = session.model, session.tokenizer, session.task, session.run
     if cfg.max_new_tokens and cfg.max_new_tokens < task.max_new_tokens:
         print(f"note: --max-new-tokens {cfg.max_new_tokens} is shorter than the task's answer ({task.max_new_tokens})")
-    reference = None
-    if cfg.beta > 0:  # the starting weights (on --resume: reloaded from --model, not from the run's checkpoint)
-        reference = train.Reference(get_model(cfg.model, cfg.preset, cfg.seed)[0] if cfg.resume else model)
+    # The starting policy (on --resume reloaded from --model, not from the run's checkpoint); never built at beta = 0.
+    reference = train.starting_reference(session) if cfg.beta > 0 else None
     optimizer = train.make_optimizer(cfg.lr, cfg.steps, cfg.warmup)
     train.restore(session, optimizer)
     update = train.make_update(model, optimizer, make_loss_fn(cfg), cfg.max_grad_norm, cfg.compile)
@@ -259,6 +258,7 @@ def run_grpo(cfg):
 
     with train.interruptible(session, lambda: (step, optimizer)):
         while step < cfg.steps:
+            train.step_seed(cfg, step)  # MLX's sampling RNG from (seed, step): --resume samples the same tokens
             prompts = sample_prompts(task, session.rng, cfg.prompts_per_step)
             row, samples = grpo_step(model, tokenizer, task, prompts, cfg, update, reference, timer)
             step += 1

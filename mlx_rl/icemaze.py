@@ -64,7 +64,7 @@ DEFAULT_EPISODES = {
     ("reinforce", "4x4", False): 10_000,
     ("reinforce", "8x8", False): 40_000,
     ("reinforce", "4x4", True): 100_000,
-    ("reinforce", "8x8", True): 200_000,
+    ("reinforce", "8x8", True): 60_000,
 }
 
 
@@ -190,8 +190,8 @@ def load_map(spec, seed=0, hole_prob=0.2):
     path = Path(spec)
     if path.is_file():
         return parse_map(path.read_text())
-    if set(spec) <= set(TILES + "/,\n ") and "S" in spec:
-        return parse_map(spec)
+    if any(sep in spec for sep in "/,\n") or set(spec) <= set(TILES):
+        return parse_map(spec)  # rows written out: SFFF/FHFH/FFFH/HFFG
     raise MlxRlError(f"unknown map {spec!r}: use 4x4, 8x8, random:N, random:RxC, a map file, or rows like SFFF/FHFH/FFFH/HFFG")
 
 
@@ -480,18 +480,21 @@ class PolicyNet(nn.Module):
 def reinforce_loss(model, states_1h, actions, returns, mask, value_coef, entropy_coef):
     """REINFORCE with a baseline: -E[log pi(a|s) (G - V(s))] + value_coef (G - V)^2 - entropy_coef H.
 
-    states_1h (B, T, S); actions, returns, mask (B, T). Sum over an episode's
-    steps, mean over episodes: the textbook Monte-Carlo policy gradient.
+    states_1h (B, T, S); actions, returns, mask (B, T). Every term is a mean over
+    the batch's real steps (mask 1), as in the LLM chapters' masked token mean, so
+    the entropy bonus weighs the same against the policy term however long the
+    episodes are. (The textbook sums over an episode's steps instead: the same
+    direction, scaled by episode length.)
     """
-    B = actions.shape[0]
+    n = mask.sum()
     logits, values = model(states_1h)  # (B, T, A), (B, T)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, T, A)
     logprob_taken = mx.take_along_axis(logprobs, actions[..., None], axis=-1).squeeze(-1)  # (B, T)
     advantages = mx.stop_gradient(returns - values)  # (B, T) how much better than the baseline
-    policy_loss = -(logprob_taken * advantages * mask).sum() / B
-    value_loss = 0.5 * (((returns - values) ** 2) * mask).sum() / B
+    policy_loss = -(logprob_taken * advantages * mask).sum() / n
+    value_loss = 0.5 * (((returns - values) ** 2) * mask).sum() / n
     entropy = -(mx.exp(logprobs) * logprobs).sum(axis=-1)  # (B, T)
-    entropy = (entropy * mask).sum() / mask.sum()
+    entropy = (entropy * mask).sum() / n
     loss = policy_loss + value_coef * value_loss - entropy_coef * entropy
     metrics = {"losses/policy_loss": policy_loss, "losses/value_loss": value_loss, "policy/entropy": entropy,
                "values/advantage_mean": (advantages * mask).sum() / mask.sum()}
@@ -533,7 +536,7 @@ class Logger:
             self.sums, self.count = {}, 0
 
 
-def train_q_learning(cfg, env, episodes, run, rng, logger):
+def train_q_learning(cfg, env, episodes, rng, logger):
     Q = [[0.0] * env.n_actions for _ in range(env.n_states)]  # Q[s][a], all zero at the start
     start_s = env.start
     progress = Progress(episodes, desc="q_learning")
@@ -554,7 +557,7 @@ def train_q_learning(cfg, env, episodes, run, rng, logger):
     return {"Q": Q, "V": Q.max(axis=1), "policy": greedy(Q), "train_s": time.perf_counter() - start}
 
 
-def train_reinforce(cfg, env, episodes, run, rng, logger):
+def train_reinforce(cfg, env, episodes, rng, logger):
     mx.random.seed(cfg.seed)
     model = PolicyNet(env.n_states, env.n_actions, cfg.hidden)
     optimizer = optim.Adam(learning_rate=cfg.lr)
@@ -584,11 +587,11 @@ def train_reinforce(cfg, env, episodes, run, rng, logger):
     progress.close()
     logger.flush(episodes)
     probs, V = policy_table(model, env.n_states)
-    # Q of the learned stochastic policy, for the advantage table: Q^pi(s,a) from V^pi.
+    # Q^pi and A^pi = Q^pi - V^pi of the learned stochastic policy, exactly, from the table.
     P, R, terminal = env.tables()
     V_pi = policy_values(P, R, terminal, probs, cfg.gamma)
     Q = bellman_q(P, R, terminal, V_pi, cfg.gamma)
-    return {"Q": Q, "V": np.where(env.terminal, 0.0, V), "policy": probs.argmax(axis=1), "probs": probs,
+    return {"Q": Q, "V": np.where(env.terminal, 0.0, V), "A": Q - V_pi[:, None], "policy": probs.argmax(axis=1), "probs": probs,
             "train_s": time.perf_counter() - start, "model": model}
 
 
@@ -611,9 +614,9 @@ def train(cfg):
     every = cfg.log_every or max(1, episodes // 1000)
     logger = Logger(run, every)
     if cfg.algo == "q_learning":
-        learned = train_q_learning(cfg, env, episodes, run, rng, logger)
+        learned = train_q_learning(cfg, env, episodes, rng, logger)
     elif cfg.algo == "reinforce":
-        learned = train_reinforce(cfg, env, episodes, run, rng, logger)
+        learned = train_reinforce(cfg, env, episodes, rng, logger)
     else:
         for sweep, delta in enumerate(deltas, 1):
             run.log(sweep, {"losses/bellman_error": delta, "time/value_iteration_s": vi_s / len(deltas)})
@@ -627,7 +630,7 @@ def train(cfg):
     all_shortest = ev["success_rate"] == 1.0 and ev["success_max_length"] == shortest
     atomic_write_json(run.path / "tables.json", {
         "map": env.rows, "actions": ACTION_NAMES, "Q": learned["Q"].tolist(), "V": learned["V"].tolist(),
-        "advantage": advantages_of(learned["Q"]).tolist(), "policy": learned["policy"].tolist(),
+        "advantage": learned.get("A", advantages_of(learned["Q"])).tolist(), "policy": learned["policy"].tolist(),
         "V_star": V_star.tolist(), "Q_star": Q_star.tolist(), "policy_star": pi_star.tolist(),
     })
     if cfg.plots:
@@ -635,7 +638,7 @@ def train(cfg):
     summary = run.write_summary(
         algo=cfg.algo, map=env.rows, slippery=cfg.slippery, episodes=episodes if cfg.algo != "value_iteration" else 0,
         train_s=round(learned["train_s"], 2), min_steps=shortest,
-        eval={k: v for k, v in ev.items()},
+        eval=ev,
         value_iteration={**ev_star, "v_start": float(V_star[env.start]), "sweeps": len(deltas)},
         success_gap=round(abs(ev["success_rate"] - ev_star["success_rate"]), 4),
         shortest_path_every_episode=bool(all_shortest),

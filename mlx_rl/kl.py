@@ -48,9 +48,8 @@ import typing
 import mlx.core as mx
 import numpy as np
 
-from mlx_rl.config import command, option
+from mlx_rl.config import MlxRlError, command, option
 
-ESTIMATORS = ("k1", "k2", "k3")
 COLORS = {"k1": "tab:blue", "k2": "tab:orange", "k3": "tab:green"}
 
 
@@ -115,6 +114,8 @@ ESTIMATOR_FNS = {"k1": k1, "k2": k2, "k3": k3}
 
 @dataclasses.dataclass
 class KLConfig:
+    """Settings of `mlx-rl kl`. Not a RunConfig: nothing is trained, so no steps or --resume."""
+
     out: typing.Optional[str] = option(None, "run directory (default: runs/kl-<time>)")
     seed: int = option(0, "random seed for distributions, noise and sampling")
     model: typing.Optional[str] = option(None, "reference checkpoint (default: a new random tiny model)")
@@ -127,6 +128,11 @@ class KLConfig:
     vocab: int = option(10, "number of categories in the categorical experiments", min=2)
     max_samples: int = option(4096, "largest number of samples per estimate", min=1)
     trials: int = option(1000, "independent estimates per sample size (for mean and spread)", min=2)
+
+    def validate(self):
+        from mlx_rl.tasks import get_task
+
+        get_task(self.task)  # an unknown task fails before any work is done
 
 
 # --- experiments -----------------------------------------------------------------------------
@@ -221,6 +227,8 @@ def checkpoint_experiment(cfg, reference, policy, tokenizer):
     logr = ref_logprobs - policy_logprobs  # log p(x) - log q(x)
     # The exact next-token KL at every position, summed over the whole vocabulary.
     policy_logits, ref_logits = policy(tokens[:, :-1]), reference(tokens[:, :-1])  # (B, T-1, V)
+    if policy_logits.shape[-1] != ref_logits.shape[-1]:
+        raise MlxRlError("--model and --model-b have different vocabularies; KL needs the same tokens")
     exact_reverse = exact_kl(ref_logits, policy_logits, "reverse")  # KL(policy || reference)
     exact_forward = exact_kl(ref_logits, policy_logits, "forward")  # KL(reference || policy)
     keep = np.array(mask) > 0
@@ -254,14 +262,14 @@ def plot_vs_samples(result, title, path, target_label, other_label):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    fig, axes = plt.subplots(1, len(ESTIMATOR_FNS), figsize=(4.3 * len(ESTIMATOR_FNS), 3.8), sharey=True)
     target = result["kl_q_p"] if "kl_q_p" in result else result["kl_policy_reference"]
     other = result["kl_p_q"] if "kl_p_q" in result else result["kl_reference_policy"]
-    for ax, name in zip(axes, ESTIMATORS):
+    for ax, name in zip(axes, ESTIMATOR_FNS):
         est = result["estimators"][name]
         n, mean, std = np.array(est["n"]), np.array(est["mean"]), np.array(est["std"])
-        ax.fill_between(n, mean - std, mean + std, color=COLORS[name], alpha=0.25, label="mean ± 1 std of the estimate")
-        ax.plot(n, mean, "o-", color=COLORS[name], label=f"{name}: mean of the estimate")
+        ax.fill_between(n, mean - std, mean + std, color=COLORS.get(name), alpha=0.25, label="mean ± 1 std of the estimate")
+        ax.plot(n, mean, "o-", color=COLORS.get(name), label=f"{name}: mean of the estimate")
         ax.axhline(target, color="black", lw=1.2, label=target_label)
         ax.axhline(other, color="black", lw=1, ls=":", label=other_label)
         ax.axhline(0, color="grey", lw=0.5)
@@ -284,9 +292,9 @@ def plot_sweep(rows, path):
 
     kl = np.array([r["kl_q_p"] for r in rows])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in ESTIMATORS:
-        ax1.plot(kl, [r[name]["mean"] - r["kl_q_p"] for r in rows], "o-", ms=3, color=COLORS[name], label=name)
-        ax2.plot(kl, [r[name]["std"] for r in rows], "o-", ms=3, color=COLORS[name], label=name)
+    for name in ESTIMATOR_FNS:
+        ax1.plot(kl, [r[name]["mean"] - r["kl_q_p"] for r in rows], "o-", ms=3, color=COLORS.get(name), label=name)
+        ax2.plot(kl, [r[name]["std"] for r in rows], "o-", ms=3, color=COLORS.get(name), label=name)
     ax1.set_title("bias: E_q[k] - KL(q||p)  (exact, no sampling)")
     ax2.set_title("standard deviation of one sample (exact)")
     for ax in (ax1, ax2):
@@ -332,7 +340,7 @@ def train(cfg):
 
     for i, n in enumerate(models["estimators"]["k3"]["n"]):  # metrics.jsonl: one row per sample size
         row = {"samples": n, "kl/exact": models["kl_policy_reference"]}
-        for name in ESTIMATORS:
+        for name in ESTIMATOR_FNS:
             row[f"kl/{name}"] = models["estimators"][name]["mean"][i]
             row[f"kl/{name}_std"] = models["estimators"][name]["std"][i]
         run.log(n, row)
@@ -348,15 +356,15 @@ def train(cfg):
 def report(summary, run):
     print(f"run directory: {run.path}")
     for case, r in summary["categorical"].items():
-        n, last = r["estimators"]["k1"]["n"][-1], {k: r["estimators"][k] for k in ESTIMATORS}
+        n, last = r["estimators"]["k1"]["n"][-1], {k: r["estimators"][k] for k in ESTIMATOR_FNS}
         print(f"categorical {case}: KL(q||p) = {r['kl_q_p']:.4f}  (other direction {r['kl_p_q']:.4f})")
-        for k in ESTIMATORS:
+        for k in ESTIMATOR_FNS:
             print(f"  {k}: mean of {n}-sample estimates {last[k]['mean'][-1]:.4f} ± {last[k]['std'][-1]:.4f},"
                   f" one sample ± {last[k]['std'][0]:.4f}")
     m = summary["checkpoints"]
     print(f"checkpoints: {m['tokens']} sampled tokens, exact KL(policy||reference) = {m['kl_policy_reference']:.4f}"
           f" per token (other direction {m['kl_reference_policy']:.4f})")
-    for k in ESTIMATORS:
+    for k in ESTIMATOR_FNS:
         e = m["estimators"][k]
         print(f"  {k}: mean {e['pool_mean']:.4f}, per-token std {e['per_token_std']:.4f}, negative {100 * e['negative_share']:.0f}%")
     print("the RL chapters use k3 (kl/k3)")

@@ -89,12 +89,13 @@ def write_bpe_tokenizer(directory, vocab_size=400, seed=0):
     return tok
 
 
-def arch_config(arch, vocab_size, ids):
+def arch_config(arch, vocab_size, ids, **sizes):
     if arch not in ARCHS:
         raise ValueError(f"unknown test architecture {arch!r} (choose from {', '.join(ARCHS)})")
     return {
         **COMMON,
         **ARCHS[arch],
+        **sizes,
         "vocab_size": vocab_size,
         "bos_token_id": ids["<bos>"],
         "eos_token_id": [ids["<eos>"], ids["<|end|>"]],  # several EOS ids, as in Llama 3 and Qwen3 chat models
@@ -102,14 +103,17 @@ def arch_config(arch, vocab_size, ids):
     }
 
 
-def build_checkpoint(path, arch="qwen3", bits=None, group_size=32, seed=0):
-    """Write a tiny random `arch` checkpoint (optionally quantised to `bits`) to path; returns path."""
+def build_checkpoint(path, arch="qwen3", bits=None, group_size=32, seed=0, **sizes):
+    """Write a tiny random `arch` checkpoint (optionally quantised to `bits`) to path; returns path.
+
+    sizes: config fields to override (hidden_size=512, num_hidden_layers=8, ...) for a bigger model.
+    """
     from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
 
     path = Path(path)
     tok = write_bpe_tokenizer(path, seed=seed)
     ids = {s: tok.token_to_id(s) for s in SPECIALS}
-    config = arch_config(arch, tok.get_vocab_size(), ids)
+    config = arch_config(arch, tok.get_vocab_size(), ids, **sizes)
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))

@@ -24,9 +24,9 @@ from mlx_rl.tasks import get_task
 def loop_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps, beta, loss_agg):
     """GRPO's -J written the slow way: one token at a time, plain Python floats."""
     B, T = logprobs.shape
-    per_seq, all_terms, clipped, n_tokens = [], [], 0, 0
+    per_seq, all_terms, kls, all_kls, clipped, n_tokens = [], [], [], [], 0, 0
     for b in range(B):
-        terms = []
+        terms, seq_kls = [], []
         for t in range(T):
             if mask[b, t] == 0:
                 continue
@@ -36,12 +36,16 @@ def loop_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps, 
             logr = ref_logprobs[b, t] - logprobs[b, t]
             kl = math.exp(logr) - logr - 1
             terms.append(-objective + beta * kl)
+            seq_kls.append(kl)
             clipped += (ratio > 1 + clip_eps and a > 0) or (ratio < 1 - clip_eps and a < 0)
             n_tokens += 1
         per_seq.append(sum(terms) / len(terms) if terms else 0.0)
         all_terms += terms
-    loss = sum(per_seq) / B if loss_agg == "sequence" else sum(all_terms) / n_tokens
-    return loss, clipped / n_tokens
+        kls.append(sum(seq_kls) / len(seq_kls))
+        all_kls += seq_kls
+    if loss_agg == "sequence":
+        return sum(per_seq) / B, clipped / n_tokens, sum(kls) / B
+    return sum(all_terms) / n_tokens, clipped / n_tokens, sum(all_kls) / n_tokens
 
 
 @pytest.mark.parametrize("loss_agg", ["sequence", "token"])
@@ -58,7 +62,7 @@ def test_loss_matches_per_token_loop(loss_agg, beta):
     mask[-1, 1:] = 0  # and one row has just one
     loss, metrics = grpo.grpo_loss(*map(mx.array, (logprobs, old_logprobs, ref_logprobs, advantages, mask)),
                                    clip_eps=0.2, beta=beta, loss_agg=loss_agg)
-    want_loss, want_clipfrac = loop_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, 0.2, beta, loss_agg)
+    want_loss, want_clipfrac, want_kl = loop_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, 0.2, beta, loss_agg)
     assert loss.item() == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
     assert metrics["policy/clipfrac"].item() == pytest.approx(want_clipfrac, abs=1e-6)
     assert 0 < want_clipfrac < 1
@@ -66,6 +70,9 @@ def test_loss_matches_per_token_loop(loss_agg, beta):
     assert metrics["policy/ratio_min"].item() == pytest.approx(ratios.min(), rel=1e-5)
     assert metrics["policy/ratio_max"].item() == pytest.approx(ratios.max(), rel=1e-5)
     assert ("kl/k3" in metrics) == (beta > 0)
+    if beta > 0:
+        assert metrics["kl/k3"].item() == pytest.approx(want_kl, rel=1e-5)
+        assert metrics["loss/kl"].item() == pytest.approx(beta * want_kl, rel=1e-5)
 
 
 def test_aggregations_differ_only_in_weighting():
@@ -108,24 +115,27 @@ def batch_for(model, tokenizer, task, n_prompts=3, group=4):
     return cfg, tokens, mask, advantages
 
 
-def test_first_inner_iteration_has_ratio_exactly_one(micro):
+@pytest.mark.parametrize("loss_agg,beta", [("sequence", 0.0), ("token", 0.05)])
+def test_first_inner_iteration_has_ratio_exactly_one(micro, loss_agg, beta):
     model, tokenizer, config = micro
     model = type(model)(model.args)
     model.update(micro[0].parameters())  # a copy: this test takes optimizer steps
     task = get_task("addition")
     cfg, tokens, mask, advantages = batch_for(model, tokenizer, task)
+    cfg.loss_agg, cfg.beta = loss_agg, beta
     optimizer = train.make_optimizer(1e-2, 10)
     update = train.make_update(model, optimizer, grpo.make_loss_fn(cfg), compile=True)  # as the runs use it
     before, _ = grpo.token_logprobs(model, tokens, cfg.temperature)  # a separate teacher-forced pass
     zeros = mx.zeros(mask.shape)
+    ref_logprobs = before - 0.5
     timer = PhaseTimer()
-    _, m1, _ = update(tokens, mask, advantages, zeros, zeros, mx.array(True), timer=timer)
+    _, m1, _ = update(tokens, mask, advantages, zeros, ref_logprobs, mx.array(True), timer=timer)
     assert m1["policy/ratio_min"].item() == 1.0 and m1["policy/ratio_max"].item() == 1.0
     assert m1["policy/ratio_mean"].item() == 1.0
     assert m1["policy/clipfrac"].item() == 0.0 and m1["kl/approx"].item() == 0.0
     old = m1["logprobs"]  # the old policy's log-probs, out of the first pass
     np.testing.assert_allclose(np.array(old), np.array(before), atol=1e-5)
-    _, m2, _ = update(tokens, mask, advantages, old, zeros, mx.array(False), timer=timer)
+    _, m2, _ = update(tokens, mask, advantages, old, ref_logprobs, mx.array(False), timer=timer)
     assert m2["policy/ratio_min"].item() < 1.0 < m2["policy/ratio_max"].item()  # the policy moved
     assert m2["kl/approx"].item() > 0
 

@@ -94,11 +94,21 @@ def test_grpo_convention_estimates_kl_policy_to_reference():
     assert estimate == pytest.approx(exact, rel=0.02)
 
 
-def test_cli_smoke_run(tmp_path):
+def test_identical_checkpoints_have_zero_kl(micro_model):
+    from mlx_rl.kl import KLConfig, checkpoint_experiment
+
+    model, tokenizer, _ = micro_model
+    result = checkpoint_experiment(KLConfig(prompts=8, max_new_tokens=4, max_samples=16, trials=10), model, model, tokenizer)
+    assert result["tokens"] > 0
+    assert result["kl_policy_reference"] == result["kl_reference_policy"] == 0.0
+    assert all(max(map(abs, e["mean"])) == 0.0 for e in result["estimators"].values())
+
+
+def test_cli_smoke_run(tmp_path, micro_checkpoint):
     from mlx_rl.cli import main
 
     out = tmp_path / "kl"
-    main(["kl", "--preset", "micro", "--prompts", "16", "--max-new-tokens", "4", "--max-samples", "64",
+    main(["kl", "--model", str(micro_checkpoint), "--prompts", "16", "--max-new-tokens", "4", "--max-samples", "64",
           "--trials", "50", "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     for name in ("kl-categorical-close", "kl-categorical-far", "kl-bias-and-spread", "kl-checkpoints"):

@@ -143,7 +143,7 @@ def micro():
 
 
 def small_cfg(**kw):
-    defaults = dict(rollout_batch=16, minibatch_size=8, epochs=2, kl_coef=0.05, value_warmup=0, compile=False)
+    defaults = dict(rollout_batch=16, minibatch_size=8, epochs=2, value_epochs=2, kl_coef=0.05, value_warmup=0, compile=False)
     defaults.update(kw)
     return ppo.PPOConfig(**defaults)
 
@@ -159,84 +159,88 @@ def rollout_arrays(model, tokenizer, n=8, seed=0):
     return completion_batch(r.prompt_ids, r.completion_ids, r.mask, tokenizer.pad_token_id)
 
 
-def test_wrapper_logprobs_match_the_models_own_forward(micro):
+def test_policy_forward_matches_the_models_own_forward(micro):
     from mlx_rl.logprobs import token_logprobs
 
     model, tokenizer, _ = micro
     tokens, _ = rollout_arrays(model, tokenizer)
-    wrapped = ppo.PolicyWithValue(model)
-    logprobs, entropy, values = wrapped(tokens, 0.7)
+    logprobs, entropy, hidden = ppo.policy_forward(model, tokens, 0.7)
     ref_lp, ref_ent = token_logprobs(model, tokens, 0.7)
     np.testing.assert_allclose(np.array(logprobs), np.array(ref_lp), atol=1e-5)
     np.testing.assert_allclose(np.array(entropy), np.array(ref_ent), atol=1e-4)
+    values = ppo.ValueHead(model.args.hidden_size)(hidden)
     assert values.shape == logprobs.shape and np.all(np.array(values) == 0)  # zero-initialised head
 
 
-@pytest.mark.parametrize("value_grad_body", [False, True])
-def test_gradients_reach_value_head_and_policy(micro, value_grad_body):
+def test_gradients_reach_value_head_and_policy(micro):
     model, tokenizer, _ = micro
     tokens, mask = rollout_arrays(model, tokenizer)
-    wrapped = ppo.PolicyWithValue(model, value_grad_body)
-    wrapped.value_head.linear.weight = 0.1 * mx.random.normal(wrapped.value_head.linear.weight.shape, key=mx.random.key(0))  # as after training
-    old_logprobs, _, old_values = wrapped(tokens)
+    old_logprobs, _, features = ppo.policy_forward(model, tokens)
     rng = np.random.default_rng(0)
     advantages = mx.array(rng.normal(size=mask.shape).astype(np.float32)) * mask
+    norm = lambda tree: sum(mx.abs(v).sum().item() for _, v in tree_flatten(tree))  # noqa: E731
+
+    policy_fn = ppo.make_policy_loss(clip_eps=0.2, temperature=1.0)
+    (loss, _), grads = nn.value_and_grad(model, lambda *a: policy_fn(model, *a))(tokens, mask, old_logprobs, advantages)
+    assert norm(grads["model"]["layers"]) > 0 and norm(grads["model"]["embed_tokens"]) > 0
+
+    head = ppo.ValueHead(model.args.hidden_size)
+    value_fn = ppo.make_value_loss(value_clip=0.2)
     returns = mx.ones(mask.shape) * mask
+    (loss, _), grads = nn.value_and_grad(head, lambda *a: value_fn(head, *a))(features, mask, head(features), returns)
+    assert norm(grads["linear"]["weight"]) > 0 and norm(grads["linear"]["bias"]) > 0
+    assert loss.item() == pytest.approx(0.5)  # V = 0, R = 1 on every completion token
 
-    def grads_for(policy_weight):
-        loss_fn = lambda m: ppo.ppo_loss(m, tokens, mask, old_logprobs, old_values, advantages, returns, mx.array(policy_weight),  # noqa: E731
-                                         clip_eps=0.2, value_clip=0.0, value_coef=0.5, temperature=1.0)[0]
-        g = nn.value_and_grad(wrapped, loss_fn)(wrapped)[1]
-        norm = lambda tree: sum(mx.abs(v).sum().item() for _, v in tree_flatten(tree))  # noqa: E731
-        return norm(g["value_head"]), norm(g["policy"]["model"]["layers"]), norm(g["policy"]["model"]["embed_tokens"])
 
-    head, body, embed = grads_for(1.0)
-    assert head > 0 and body > 0 and embed > 0
-    head, body, _ = grads_for(0.0)  # value loss alone (the value warm-up)
-    assert head > 0
-    assert (body > 0) == value_grad_body  # the critic trains the body only when asked to
+def setup_step(micro, cfg, task=None):
+    model, tokenizer, _ = micro
+    policy = type(model)(model.args)
+    policy.update(model.parameters())
+    session = types.SimpleNamespace(model=policy, tokenizer=tokenizer, task=task or get_task("addition"), rng=np.random.default_rng(0))
+    head = ppo.ValueHead(model.args.hidden_size)
+    update_policy = train.make_update(policy, train.make_optimizer(cfg.lr, 10), ppo.make_policy_loss(cfg.clip_eps, 1.0), 1.0, cfg.compile)
+    update_value = train.make_update(head, train.make_optimizer(cfg.value_lr, 10), ppo.make_value_loss(cfg.value_clip), 1.0, cfg.compile)
+    return session, head, update_policy, update_value
 
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_first_epoch_ratio_is_exactly_one(micro, compile):
-    model, tokenizer, config = micro
-    policy = type(model)(model.args)
-    policy.update(model.parameters())
-    cfg = small_cfg(epochs=1, minibatch_size=16, compile=compile)  # one update: old == new exactly
-    session = types.SimpleNamespace(model=policy, tokenizer=tokenizer, task=get_task("addition"), rng=np.random.default_rng(0))
-    wrapped = ppo.PolicyWithValue(policy)
-    optimizer, _ = ppo.make_optimizer(cfg, 10)
-    loss_fn = lambda m, *a: ppo.ppo_loss(m, *a, clip_eps=0.2, value_clip=0.2, value_coef=0.5, temperature=1.0)  # noqa: E731
-    update = train.make_update(wrapped, optimizer, loss_fn, 1.0, compile)
+    cfg = small_cfg(epochs=1, compile=compile)  # the first epoch's first minibatch: old == new exactly
+    session, head, update_policy, update_value = setup_step(micro, cfg)
+    reference = train.Reference(session.model)
+    first = {}
+
+    def first_update(*arrays, timer):
+        out = update_policy(*arrays, timer=timer)
+        first.setdefault("metrics", {k: v.item() for k, v in out[1].items()})
+        return out
+
     mx.random.seed(0)
-    row = ppo.ppo_step(cfg, session, wrapped, train.Reference(policy), update, 0.05, 0, PhaseTimer())
-    assert row["policy/ratio_min"] == 1.0 and row["policy/ratio_max"] == 1.0
-    assert row["policy/clipfrac"] == 0.0 and row["kl/approx"] == 0.0
+    row = ppo.ppo_step(cfg, session, head, reference, first_update, update_value, 0.05, 0, PhaseTimer())
+    m = first["metrics"]
+    assert m["policy/ratio_min"] == 1.0 and m["policy/ratio_max"] == 1.0 and m["policy/ratio_mean"] == 1.0
+    assert m["policy/clipfrac"] == 0.0 and m["kl/approx"] == 0.0
     assert row["kl/k3"] == 0.0  # the policy still equals its reference
-    # the next step's rollout comes from the updated policy: its ratios are 1 again on the first update
-    row = ppo.ppo_step(cfg, session, wrapped, train.Reference(model), update, 0.05, 1, PhaseTimer())
-    assert row["policy/ratio_min"] == 1.0 and row["policy/ratio_max"] == 1.0
+    first.clear()
+    row = ppo.ppo_step(cfg, session, head, reference, first_update, update_value, 0.05, 1, PhaseTimer())
+    assert first["metrics"]["policy/ratio_min"] == 1.0 and first["metrics"]["policy/ratio_max"] == 1.0  # again, after a step
     assert row["kl/k3"] > 0 and row["value/mean"] != 0  # the policy and the value head moved
 
 
 def test_value_warmup_leaves_the_policy_unchanged(micro):
-    model, tokenizer, _ = micro
-    policy = type(model)(model.args)
-    policy.update(model.parameters())
-    before = {k: np.array(v) for k, v in tree_flatten(policy.parameters())}
-    cfg = small_cfg(value_warmup=1)
     task = get_task("addition")
     task.reward = lambda prompt, completion: 1.0  # an untrained model scores 0: give the critic something to learn
-    session = types.SimpleNamespace(model=policy, tokenizer=tokenizer, task=task, rng=np.random.default_rng(0))
-    wrapped = ppo.PolicyWithValue(policy)
-    optimizer, _ = ppo.make_optimizer(cfg, 10)
-    loss_fn = lambda m, *a: ppo.ppo_loss(m, *a, clip_eps=0.2, value_clip=0.2, value_coef=0.5, temperature=1.0)  # noqa: E731
-    update = train.make_update(wrapped, optimizer, loss_fn, 1.0, False)
-    row = ppo.ppo_step(cfg, session, wrapped, None, update, 0.0, 0, PhaseTimer())
-    after = dict(tree_flatten(policy.parameters()))
+    cfg = small_cfg(value_warmup=1, value_clip=0.0)
+    session, head, update_policy, update_value = setup_step(micro, cfg, task)
+    before = {k: np.array(v) for k, v in tree_flatten(session.model.parameters())}
+    row = ppo.ppo_step(cfg, session, head, None, update_policy, update_value, 0.0, 0, PhaseTimer())
+    after = dict(tree_flatten(session.model.parameters()))
     assert all(np.array_equal(before[k], np.array(after[k])) for k in before)
-    assert np.abs(np.array(wrapped.value_head.linear.weight)).sum() > 0
-    assert row["kl/k3"] == 0.0
+    assert "loss/policy" not in row and row["loss/value"] > 0
+    assert np.abs(np.array(head.linear.weight)).sum() > 0
+    # the critic learns: on the same features its error falls
+    row2 = ppo.ppo_step(cfg, session, head, None, update_policy, update_value, 0.0, 0, PhaseTimer())
+    assert row2["value/mean"] > row["value/mean"]
 
 
 # --- the command ----------------------------------------------------------------------
@@ -254,7 +258,7 @@ def test_cli_runs_saves_value_head_and_resumes(tmp_path, micro_checkpoint):
     from mlx_rl.cli import main
 
     out = tmp_path / "run"
-    common = ["--rollout-batch", "16", "--minibatch-size", "8", "--eval-prompts", "16", "--eval-every", "1", "--value-warmup", "1"]
+    common = ["--rollout-batch", "16", "--minibatch-size", "8", "--value-epochs", "2", "--eval-prompts", "16", "--eval-every", "1", "--value-warmup", "1"]
     main(["ppo", "--model", str(micro_checkpoint), "--out", str(out), "--steps", "2", *common])
     ckpt = out / "checkpoint"
     assert (ckpt / "model.safetensors").exists() and (ckpt / ppo.VALUE_HEAD_FILE).exists()
@@ -272,16 +276,18 @@ def test_cli_runs_saves_value_head_and_resumes(tmp_path, micro_checkpoint):
     seen = {}
     original = ppo.load_value_head
 
-    def spy(model, path):
-        original(model, path)
-        seen.update({k: np.array(v) for k, v in tree_flatten(model.value_head.parameters())})
+    def spy(head, opt, path):
+        original(head, opt, path)
+        seen.update({k: np.array(v) for k, v in tree_flatten(head.parameters())})
+        seen["step"] = opt.state["step"].item()
 
     ppo.load_value_head = spy
     try:
         main(["ppo", "--resume", str(out), "--steps", "3"])
     finally:
         ppo.load_value_head = original
-    np.testing.assert_array_equal(seen["linear.weight"], np.array(saved_head["value_head.linear.weight"]))
+    np.testing.assert_array_equal(seen["linear.weight"], np.array(saved_head["linear.weight"]))
+    assert seen["step"] == saved_head["optimizer.step"].item() > 0  # its optimizer state too
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert json.loads((out / "summary.json").read_text())["steps"] == 3

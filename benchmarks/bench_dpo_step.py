@@ -1,0 +1,118 @@
+"""Seconds per DPO step on the tiny model, at the settings the peers were measured at.
+
+Qwen3-style model, hidden 128, 4 layers, 4 heads, character vocabulary (preset
+"tiny", about 1M parameters), full fine-tune, AdamW; 8 addition pairs per step
+("12+34=" -> the right sum vs a wrong one, in the task's units-first format),
+beta 0.1, plain sigmoid DPO. The reference log-probs are computed once up front,
+as `mlx-rl dpo` does, so a step is one policy forward + backward + optimizer
+update. A step includes building the padded batch. Use --with-reference to
+also run the reference forward inside every step (how a trainer without
+precomputed reference log-probs works).
+
+    python benchmarks/bench_dpo_step.py [--steps 200] [--json out.json]
+"""
+
+import argparse
+import json
+import os
+import time
+
+import mlx_rl  # noqa: F401  (preloads OpenBLAS before mlx)
+import mlx.core as mx
+import numpy as np
+
+from mlx_rl import dpo, train
+from mlx_rl.models import count_parameters, new_tiny_model
+from mlx_rl.runs import PhaseTimer
+from mlx_rl.tasks import get_task
+
+
+def make_pairs(tokenizer, task, n, seed=0):
+    rng = np.random.default_rng(seed)
+    pairs = dpo.Pairs([], [], [])
+    eos = tokenizer.eos_token_id
+    for prompt in task.prompts("train", n, seed=seed):
+        right = task.correct_completion(prompt)
+        wrong = right
+        while wrong == right:
+            wrong = "".join(str(d) for d in rng.integers(10, size=len(right)))
+        pairs.prompt_ids.append(tokenizer.encode(prompt))
+        pairs.chosen_ids.append(tokenizer.encode(right, add_special_tokens=False) + [eos])
+        pairs.rejected_ids.append(tokenizer.encode(wrong, add_special_tokens=False) + [eos])
+    return pairs
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=200, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation)")
+    ap.add_argument("--batch-size", type=int, default=8, help="pairs per step")
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--rpo-alpha", type=float, default=0.0, help="NLL weight (the chapter's default run uses 1.0)")
+    ap.add_argument("--with-reference", action="store_true", help="run the reference forward inside each step")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+
+    model, tokenizer, _ = new_tiny_model("tiny", seed=0)
+    task = get_task("addition")
+    pairs = make_pairs(tokenizer, task, 512)
+    dpo.compute_reference(model, pairs)
+    reference = train.Reference(model) if args.with_reference else None
+    optimizer = train.make_optimizer(1e-4, 0)
+    loss_fn = dpo.make_loss_fn(args.beta, rpo_alpha=args.rpo_alpha)
+    if args.no_compile:
+        update = train.make_update(model, optimizer, loss_fn, 1.0, compile=False)
+    else:  # what `mlx-rl dpo` uses: gradient, clipping and AdamW in one compiled function
+        update = train.make_fused_update(model, optimizer, loss_fn, 1.0)
+    timer = PhaseTimer()
+    batches = [dpo.batch_order(len(pairs), args.batch_size, [0, e]) for e in range(4)]
+    batches = [b for epoch in batches for b in epoch]
+
+    def step(i):
+        tokens, mask, ref = dpo.pair_batch(pairs, batches[i % len(batches)])
+        if reference is not None:
+            with timer("reference"):
+                ref = (reference.logprobs(tokens) * mask).sum(axis=1)
+                mx.eval(ref)
+        return update(tokens, mask, ref, timer=timer)
+
+    for i in range(args.warmup):
+        step(i)
+    timer.pop()
+    times = []
+    cpu_start = time.process_time()
+    for i in range(args.steps):
+        start = time.perf_counter()
+        loss, _, _ = step(i)
+        times.append(time.perf_counter() - start)
+    cpu_s = (time.process_time() - cpu_start) / args.steps  # all threads' CPU seconds: a load-robust figure
+    phases = {k: v / args.steps for k, v in timer.pop().items()}
+    result = {
+        "benchmark": "dpo_step",
+        "parameters": count_parameters(model),
+        "batch_pairs": args.batch_size,
+        "beta": args.beta,
+        "rpo_alpha": args.rpo_alpha,
+        "reference_in_step": args.with_reference,
+        "steps": args.steps,
+        "mean_step_s": float(np.mean(times)),
+        "median_step_s": float(np.median(times)),
+        "cpu_s_per_step": cpu_s,
+        "phases_s": phases,
+        "final_loss": loss.item(),
+        "load_average_1m": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
+    }
+    print(f"DPO step, {result['parameters'] / 1e6:.2f}M parameters, {args.batch_size} pairs: "
+          f"mean {result['mean_step_s'] * 1000:.1f} ms, median {result['median_step_s'] * 1000:.1f} ms, "
+          f"CPU time {cpu_s * 1000:.1f} ms/step "
+          f"(load average {result['load_average_1m']:.1f} on {result['cpus']} CPUs)")
+    print("  " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in phases.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
