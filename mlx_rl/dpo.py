@@ -28,20 +28,30 @@ each part on its own and never as one concatenated string, so the boundary
 between prompt and answer is exact even with BPE tokenizers. (With our
 character tokenizer the two routes give the same ids.)
 
+Why the default run has rounds and an NLL term: plain DPO on pairs built once
+from the plateau collapses here. Only carry problems make pairs, DPO only
+constrains the chosen-minus-rejected difference (the shared prefix cancels),
+so the model learns "add a carry" everywhere and both answers' log-probs fall.
+Two fixes from iterative RPO (Pang et al. 2024) make it reliable: on-policy
+rounds (sample fresh pairs from the current policy, whose log-probs become the
+round's reference, and train one pass on them) and a per-token NLL term on the
+chosen answers (`rpo_alpha`). `--rounds 1 --rpo-alpha 0` is plain DPO.
+
 Variants, each a small function: label smoothing (conservative DPO, for noisy
 labels: assume a share `label_smoothing` of pairs is flipped) and IPO (a
 squared loss that pulls h to 1 / (2 beta) instead of pushing it to infinity).
 
 Deliberate simplifications: the reference log-probs are computed once per pair
-before training (the reference never changes, so there is no second model in
-the step); pairs are built once, from the starting model (no online rounds);
-full fine-tuning; no truncation of long pairs; the IPO loss uses summed (not
-length-averaged) log-probs, as in the paper's formula.
+before a round's first update (the reference never changes within a round, so
+there is no second model in the step); pairs are the best vs the worst of one
+prompt's samples; full fine-tuning by default; no truncation of long pairs;
+the IPO loss uses summed (not length-averaged) log-probs, as in the paper.
 
 Papers: Rafailov et al. 2023, "Direct Preference Optimization: Your Language
 Model is Secretly a Reward Model"; Azar et al. 2023, "A General Theoretical
 Paradigm to Understand Learning from Human Preferences" (IPO); Mitchell 2023,
-"A note on DPO with noisy preferences" (cDPO).
+"A note on DPO with noisy preferences" (cDPO); Pang et al. 2024, "Iterative
+Reasoning Preference Optimization" (rounds + NLL).
 """
 
 import dataclasses

@@ -115,16 +115,16 @@ def batch_for(model, tokenizer, task, n_prompts=3, group=4):
     return cfg, tokens, mask, advantages
 
 
-@pytest.mark.parametrize("loss_agg,beta", [("sequence", 0.0), ("token", 0.05)])
-def test_first_inner_iteration_has_ratio_exactly_one(micro, loss_agg, beta):
+@pytest.mark.parametrize("loss_agg,beta,fused", [("sequence", 0.0, False), ("token", 0.05, False), ("sequence", 0.05, True)])
+def test_first_inner_iteration_has_ratio_exactly_one(micro, loss_agg, beta, fused):
     model, tokenizer, config = micro
     model = type(model)(model.args)
     model.update(micro[0].parameters())  # a copy: this test takes optimizer steps
     task = get_task("addition")
     cfg, tokens, mask, advantages = batch_for(model, tokenizer, task)
-    cfg.loss_agg, cfg.beta = loss_agg, beta
+    cfg.loss_agg, cfg.beta, cfg.fused_update = loss_agg, beta, fused
     optimizer = train.make_optimizer(1e-2, 10)
-    update = train.make_update(model, optimizer, grpo.make_loss_fn(cfg), compile=True)  # as the runs use it
+    update = grpo.make_update(model, optimizer, cfg)  # compiled, as the runs use it
     before, _ = grpo.token_logprobs(model, tokens, cfg.temperature)  # a separate teacher-forced pass
     zeros = mx.zeros(mask.shape)
     ref_logprobs = before - 0.5
@@ -228,3 +228,14 @@ def test_cli_rejects_bad_settings(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["grpo", "--model", str(tmp_path), "--clip-eps", "0"])
     assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_default_run_lifts_addition_past_the_plateau(tmp_path):
+    """The acceptance figure: pretrain's default checkpoint, then the default GRPO run (about 5 minutes here)."""
+    main(["pretrain", "--task", "addition", "--out", str(tmp_path / "pretrain")])
+    main(["grpo", "--task", "addition", "--model", str(tmp_path / "pretrain" / "checkpoint"), "--out", str(tmp_path / "grpo")])
+    summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
+    assert summary["eval/accuracy"] >= 0.90
+    assert summary["eval/accuracy"] - summary["start_accuracy"] >= 0.25
+    assert summary["wall_s"] < 600
