@@ -43,15 +43,13 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--inner-iters", type=int, default=1)
     parser.add_argument("--beta", type=float, default=0.0)
-    parser.add_argument("--fused-update", action="store_true", help="one compiled graph for gradient + AdamW")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     model, tokenizer, _ = get_model(None, args.preset, seed=0)
     task = get_task("addition")
     cfg = grpo.GRPOConfig(prompts_per_step=args.prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
-                          inner_iters=args.inner_iters, beta=args.beta, temperature=1.0, lr=1e-4,
-                          fused_update=args.fused_update)
+                          inner_iters=args.inner_iters, beta=args.beta, temperature=1.0, lr=1e-4)
     optimizer = train.make_optimizer(cfg.lr, cfg.steps)
     update = grpo.make_update(model, optimizer, cfg)
     reference = train.Reference(model) if cfg.beta > 0 else None
@@ -89,7 +87,7 @@ def main():
     }
     print(f"GRPO step, {args.preset} model ({count_parameters(model) / 1e6:.2f}M parameters), "
           f"{args.prompts} prompts x group {args.group_size}, {args.max_new_tokens} new tokens, "
-          f"{args.inner_iters} inner iteration(s), beta {args.beta}{', fused update' if args.fused_update else ''}")
+          f"{args.inner_iters} inner iteration(s), beta {args.beta}")
     print(f"mean {mean * 1000:.1f} ms/step  (median {result['step_s_median'] * 1000:.1f}, min {min(step_s) * 1000:.1f}) "
           f"over {args.steps} steps; load average {os.getloadavg()[0]:.2f}")
     for name, s in sorted(split.items(), key=lambda kv: -kv[1]):

@@ -68,8 +68,6 @@ class GRPOConfig(train.LLMConfig):
     warmup: int = option(0, "linear learning-rate warm-up steps", min=0)
     temperature: float = option(1.0, "sampling temperature of the rollouts (and of the optimised distribution)", above=0.0)
     max_new_tokens: int = option(0, "longest completion (0: the task's answer length + EOS)", min=0)
-    fused_update: bool = option(False, "compile gradient, clipping and AdamW into one graph: faster, but timed as one "
-                                       "phase (update) instead of forward_backward + optimizer")
     eval_every: int = option(10, "evaluate held-out greedy accuracy every N steps (0: only at start and end)", min=0)
 
 
@@ -154,8 +152,6 @@ def make_loss_fn(cfg):
 
 def make_update(model, optimizer, cfg):
     """update(tokens, mask, advantages, old_logprobs, ref_logprobs, first, timer) -> (loss, metrics, grad_norm)."""
-    if cfg.fused_update and cfg.compile:
-        return train.make_fused_update(model, optimizer, make_loss_fn(cfg), cfg.max_grad_norm)
     return train.make_update(model, optimizer, make_loss_fn(cfg), cfg.max_grad_norm, cfg.compile)
 
 

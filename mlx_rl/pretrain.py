@@ -23,6 +23,7 @@ from mlx_rl import train
 from mlx_rl.config import command, option
 from mlx_rl.logprobs import completion_batch
 from mlx_rl.plots import plot_run
+from mlx_rl.rollout import encode_prompts
 from mlx_rl.runs import PhaseTimer, Progress
 
 
@@ -39,10 +40,10 @@ class PretrainConfig(train.LLMConfig):
     eval_every: int = option(500, "evaluate held-out greedy accuracy every N steps (0: only at the end)", min=0)
 
 
-def corpus_batch(task, tokenizer, rng, batch_size):
+def corpus_batch(task, tokenizer, rng, batch_size, chat_template=False):
     """A batch of corpus text as (tokens (B, T), mask (B, T-1)) of the answer tokens, EOS included."""
     pairs = [task.corpus_example(rng) for _ in range(batch_size)]
-    prompt_ids = [tokenizer.encode(p) for p, _ in pairs]
+    prompt_ids = encode_prompts(tokenizer, [p for p, _ in pairs], chat_template)
     answers = [tokenizer.encode(c, add_special_tokens=False) + [tokenizer.eos_token_id] for _, c in pairs]
     n = max(len(a) for a in answers)
     pad = tokenizer.pad_token_id or 0
@@ -74,7 +75,7 @@ def run_pretrain(cfg):
     with train.interruptible(session, lambda: (step, optimizer)):
         while step < cfg.steps:
             with timer("data"):
-                tokens, mask = corpus_batch(task, tokenizer, session.rng, cfg.batch_size)
+                tokens, mask = corpus_batch(task, tokenizer, session.rng, cfg.batch_size, cfg.chat_template)
                 if cfg.loss_on_prompt:
                     mask = (tokens[:, 1:] != (tokenizer.pad_token_id or 0)).astype(mx.float32)
             loss, aux, grad_norm = update(tokens, mask, timer=timer)

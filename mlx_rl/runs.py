@@ -180,7 +180,9 @@ class Run:
         return read_jsonl(self.path / "metrics.jsonl")
 
     def write_summary(self, **figures):
-        summary = {"wall_s": round(self.wall_s, 2), **figures}
+        import mlx.core as mx
+
+        summary = {"wall_s": round(self.wall_s, 2), "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 4), **figures}
         atomic_write_json(self.path / "summary.json", summary)
         return summary
 
