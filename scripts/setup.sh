@@ -17,5 +17,9 @@ fi
 PYTHON="${PYTHON:-python3}"
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
+log=$(mktemp)
+if ! .venv/bin/python -m pip install -q -e ".[test]" >"$log" 2>&1; then
+    cat "$log"; echo "pip install failed"; exit 1
+fi
+rm -f "$log"
 .venv/bin/python -c "import mlx_rl, mlx_rl.blas as b; print('mlx-rl installed; BLAS:', b.loaded_path or 'MLX default')"
