@@ -43,7 +43,17 @@ def write_char_tokenizer(directory):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every char is a token
     tok.decoder = decoders.Fuse()  # join tokens with no spaces in between
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    save_tokenizer(tok, directory, CHAT_TEMPLATE)
+    return len(vocab)
+
+
+def save_tokenizer(tok, directory, chat_template, **extra_config):
+    """Save a `tokenizers.Tokenizer` as tokenizer.json + tokenizer_config.json (what mlx_lm.load reads).
+
+    The special tokens are <bos>, <eos>, <pad> and <unk>; extra_config adds keys.
+    """
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -51,12 +61,12 @@ def write_char_tokenizer(directory):
         "eos_token": "<eos>",
         "pad_token": "<pad>",
         "unk_token": "<unk>",
-        "chat_template": CHAT_TEMPLATE,
+        **extra_config,
+        "chat_template": chat_template,
         "model_max_length": 512,
         "clean_up_tokenization_spaces": False,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return len(vocab)
 
 
 def tiny_config(preset="tiny", vocab_size=None):

@@ -15,6 +15,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_rl.models import save_tokenizer
+
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # Role markers around every message; "<|end|>" closes a turn and is a second EOS id.
 CHAT_TEMPLATE = (
@@ -71,21 +73,7 @@ def write_bpe_tokenizer(directory, vocab_size=400, seed=0):
     tok.train_from_iterator(training_text(seed=seed), trainer)
     # encode() prepends BOS, like Llama's tokenizer; the chat template writes it itself.
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<bos>",
-        "eos_token": "<eos>",
-        "pad_token": "<pad>",
-        "unk_token": "<unk>",
-        "additional_special_tokens": SPECIALS[4:],
-        "chat_template": CHAT_TEMPLATE,
-        "model_max_length": 512,
-        "clean_up_tokenization_spaces": False,
-    }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    save_tokenizer(tok, directory, CHAT_TEMPLATE, additional_special_tokens=SPECIALS[4:])
     return tok
 
 
