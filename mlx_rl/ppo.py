@@ -93,6 +93,8 @@ class PPOConfig(train.LLMConfig):
     whiten_advantages: bool = option(True, "normalise advantages to mean 0, std 1 over the rollout's tokens")
     temperature: float = option(1.0, "sampling temperature of the rollouts", above=0.0)
     warmup: int = option(0, "linear learning-rate warm-up of the policy, in updates", min=0)
+    lr_schedule: str = option("cosine", "policy learning rate after warm-up: constant, or cosine decay to lr/20 by the last update",
+                              choices=["constant", "cosine"])
     eval_every: int = option(5, "evaluate held-out greedy accuracy every N steps (0: only at the end)", min=0)
 
     def validate(self):
@@ -362,7 +364,8 @@ def run_ppo(cfg):
     policy, tokenizer, task, run = session.model, session.tokenizer, session.task, session.run
     value_head = ValueHead(policy.args.hidden_size)
     updates = cfg.steps * cfg.epochs * (cfg.rollout_batch // cfg.minibatch_size)
-    policy_opt = train.make_optimizer(cfg.lr, updates, cfg.warmup)
+    policy_updates = max(cfg.steps - cfg.value_warmup, 1) * cfg.epochs * (cfg.rollout_batch // cfg.minibatch_size)
+    policy_opt = train.make_optimizer(cfg.lr, policy_updates, cfg.warmup, schedule=cfg.lr_schedule)
     value_opt = train.make_optimizer(cfg.value_lr, updates)
     train.restore(session, policy_opt)
     if session.trainer_state is not None:
