@@ -138,8 +138,9 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0
 def make_loss_fn(cfg):
     """loss_fn(model, *arrays) for train.make_update: the forward pass, then grpo_loss."""
 
-    def loss_fn(model, tokens, mask, advantages, old_logprobs, ref_logprobs, first):
-        logprobs, entropy = token_logprobs(model, tokens, cfg.temperature)  # (B, T-1) x 2
+    def loss_fn(model, tokens, mask, advantages, old_logprobs, ref_logprobs, first, shared_len=0):
+        # shared_len: the group's rows share their first shared_len tokens (the prompt), run once per group
+        logprobs, entropy = token_logprobs(model, tokens, cfg.temperature, cfg.group_size, shared_len)  # (B, T-1) x 2
         # At the first inner iteration the old policy is the current one: the same numbers, no gradient.
         old_logprobs = mx.stop_gradient(mx.where(first, logprobs, old_logprobs))
         loss, metrics = grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cfg.clip_eps, cfg.beta, cfg.loss_agg)
@@ -189,6 +190,7 @@ def grpo_step(model, tokenizer, task, prompts, cfg, update, reference, timer, re
             rollout.prompt_ids, pad_columns(rollout.completion_ids, N, pad_id), pad_columns(rollout.mask, N), pad_id
         )
         advantages = mx.array(advantages.reshape(-1))  # (B,)
+        shared_len = min(len(p) for p in rollout.prompt_ids)  # every row's prompt is its group's prompt
         mx.eval(tokens, mask, advantages)
 
     row = {
@@ -215,7 +217,8 @@ def grpo_step(model, tokenizer, task, prompts, cfg, update, reference, timer, re
 
     old_logprobs, per_iter = mx.zeros(mask.shape), []
     for i in range(cfg.inner_iters):
-        loss, metrics, grad_norm = update(tokens, mask, advantages, old_logprobs, ref_logprobs, mx.array(i == 0), timer=timer)
+        loss, metrics, grad_norm = update(tokens, mask, advantages, old_logprobs, ref_logprobs, mx.array(i == 0), shared_len,
+                                         timer=timer)
         if i == 0:
             old_logprobs = metrics["logprobs"]  # log pi_old: the policy that sampled, before any update
         per_iter.append({k: v.item() for k, v in metrics.items() if k != "logprobs"} | {"optim/grad_norm": grad_norm.item()})

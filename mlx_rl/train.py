@@ -71,20 +71,51 @@ def make_update(model, optimizer, loss_fn, max_grad_norm=1.0, compile=True):
     if compile:
         value_and_grad = mx.compile(value_and_grad, inputs=model.state, outputs=model.state)  # retraced per new input shape
 
+    apply_gradients = make_apply_gradients(model, optimizer, max_grad_norm, compile)
+
     def update(*arrays, timer):
         with timer("forward_backward"):
             (loss, metrics), grads = value_and_grad(*arrays)
-            if max_grad_norm > 0:
-                grads, grad_norm = optim.clip_grad_norm(grads, max_grad_norm)
-            else:
-                grad_norm = optim.clip_grad_norm(grads, float("inf"))[1]
-            mx.eval(loss, metrics, grads, grad_norm)
+            mx.eval(loss, metrics, grads)
         with timer("optimizer"):
-            optimizer.update(model, grads)
-            mx.eval(model.parameters(), optimizer.state)
+            grad_norm = apply_gradients(grads)
+            mx.eval(grad_norm, model.parameters(), optimizer.state)
         return loss, metrics, grad_norm
 
     return update
+
+
+def make_apply_gradients(model, optimizer, max_grad_norm=1.0, compile=True):
+    """apply_gradients(grads) -> grad_norm: clip the gradient norm (unless max_grad_norm <= 0), then one
+    optimizer step.
+
+    Compiled, AdamW's dozen element-wise operations per parameter fuse into one loop
+    each, which matters on a small model (tiny preset on a 2-core CPU: 11 -> 4 ms).
+    The compiled function holds on to the optimizer's state dict, so it is built at
+    the first call (after restore()) and again whenever that dict is replaced.
+    """
+    clip_to = max_grad_norm if max_grad_norm > 0 else float("inf")  # inf: only measure the norm
+
+    def apply_gradients(grads):
+        grads, grad_norm = optim.clip_grad_norm(grads, clip_to)
+        optimizer.update(model, grads)
+        return grad_norm
+
+    if not compile:
+        return apply_gradients
+    compiled = {}  # id of the optimizer state dict it was built for -> compiled function
+
+    def compiled_apply_gradients(grads):
+        if not optimizer._initialized:  # the state must exist before it is captured
+            optimizer.init(model.trainable_parameters())
+        key = id(optimizer.state)
+        if key not in compiled:
+            compiled.clear()
+            state = [model.state, optimizer.state]
+            compiled[key] = mx.compile(apply_gradients, inputs=state, outputs=state)
+        return compiled[key](grads)
+
+    return compiled_apply_gradients
 
 
 def make_fused_update(model, optimizer, loss_fn, max_grad_norm=1.0):

@@ -109,3 +109,40 @@ def test_frozen_copy_is_independent(micro):
         assert np.abs(np.array(token_logprobs(model, tokens)[0]) - before).max() > 1e-3
     finally:
         model.update(original)
+
+
+def grouped_batch(tokenizer, group_size=3):
+    """Prompts of different lengths, each repeated group_size times (adjacent), with varied completions."""
+    prompts = ["12+34=", "1+2=", "sort:5391="]
+    prompt_ids = [tokenizer.encode(p) for p in prompts for _ in range(group_size)]
+    rng = np.random.default_rng(0)
+    completion_ids = mx.array(rng.integers(4, 60, size=(len(prompt_ids), 5)))
+    completion_mask = mx.array((np.arange(5)[None, :] < rng.integers(1, 6, size=(len(prompt_ids), 1))).astype(np.float32))
+    tokens, mask = completion_batch(prompt_ids, completion_ids, completion_mask)
+    return tokens, mask, min(len(p) for p in prompt_ids)
+
+
+@pytest.mark.parametrize("shared_len", [1, 5, 14])  # 5: the shortest prompt; 14: past it, clipped to the input
+def test_shared_prefix_logprobs_and_gradients_match_the_plain_pass(micro, shared_len):
+    model, tokenizer = micro
+    G = 3
+    tokens, mask, _ = grouped_batch(tokenizer, G)
+    if shared_len == 14:  # every row of a group the same: the whole input can be shared
+        tokens = mx.repeat(tokens[::G], G, axis=0)
+    plain_lp, plain_ent = token_logprobs(model, tokens, 0.7)
+    shared_lp, shared_ent = token_logprobs(model, tokens, 0.7, group_size=G, shared_len=shared_len)
+    assert shared_lp.shape == plain_lp.shape == mask.shape
+    assert np.allclose(shared_lp, plain_lp, atol=ATOL) and np.allclose(shared_ent, plain_ent, atol=ATOL)
+
+    weights = mx.random.normal(mask.shape, key=mx.random.key(1))
+
+    def loss(shared):
+        kwargs = dict(group_size=G, shared_len=shared_len) if shared else {}
+        return lambda: (token_logprobs(model, tokens, 0.7, **kwargs)[0] * weights).sum()
+
+    plain_loss, plain_grads = nn.value_and_grad(model, loss(False))()
+    shared_loss, shared_grads = mx.compile(nn.value_and_grad(model, loss(True)), inputs=model.state, outputs=model.state)()
+    assert abs(plain_loss.item() - shared_loss.item()) < 1e-4
+    for (name, a), (_, b) in zip(tree_flatten(plain_grads), tree_flatten(shared_grads)):
+        assert np.abs(np.array(a)).max() > 0, name  # every parameter gets a gradient
+        assert np.allclose(a, b, atol=1e-5, rtol=1e-4), name
