@@ -24,6 +24,8 @@ import numpy as np
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from mlx_rl import fastmath
+
 
 def completion_batch(prompt_ids, completion_ids, completion_mask, pad_id=0):
     """Build (tokens (B, T), mask (B, T-1)) from prompt ids and a rollout's completions.
@@ -64,11 +66,16 @@ def token_logprobs(model, tokens, temperature=1.0, group_size=1, shared_len=0):
     logits = logits.astype(mx.float32)
     if temperature > 0:
         logits = logits / temperature
-    logz = mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, T-1, 1)
-    logp_all = logits - logz  # (B, T-1, V)
+    # log-softmax and entropy from one exp (a third of logsumexp + its gradient + exp(logp)):
+    # on MLX's Linux CPU wheel exp is the slow part, and fastmath's is used there.
+    exp = fastmath.exp_for(logits)
+    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))  # (B, T-1, 1) for a safe exp
+    e = exp(logits - top)  # (B, T-1, V)
+    total = e.sum(axis=-1, keepdims=True)  # (B, T-1, 1)
+    logp_all = logits - (top + mx.log(total))  # (B, T-1, V)
     targets = tokens[:, 1:]
     logprobs = mx.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]  # (B, T-1)
-    entropy = -(mx.exp(logp_all) * logp_all).sum(axis=-1)  # (B, T-1)
+    entropy = -((e / total) * logp_all).sum(axis=-1)  # (B, T-1)
     return logprobs, entropy
 
 
