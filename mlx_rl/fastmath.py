@@ -32,9 +32,6 @@ architecture module that imported it: qwen3, llama, qwen2, ...), so any
 mlx-lm model built afterwards, or already imported, uses it. It only does so
 on Linux with the CPU backend: on macOS (Metal, Accelerate) MLX's own kernels
 are vectorised and nothing here runs. Set MLX_RL_FAST_EXP=0 to turn it off.
-`differentiable_exp` / `exp_for(x)` give the same fast exp to other code once
-installed: logprobs.token_logprobs takes its log-softmax and entropy from one
-such exp (GRPO step benchmark: ~3 ms of the training pass).
 """
 
 import importlib
@@ -69,22 +66,6 @@ def exp(x):
     exp_r = p * r * r + r + 1.0
     two_n = (biased_n << 23).view(mx.float32)  # 2^n: n + 127 in the exponent bits
     return exp_r * two_n
-
-
-@mx.custom_function
-def differentiable_exp(x):
-    """exp(x) with the fast exp, differentiable (d exp(x) = exp(x) dx); float32."""
-    return exp(x)
-
-
-@differentiable_exp.vjp
-def _differentiable_exp_vjp(x, cotangent, output):
-    return cotangent * output
-
-
-def exp_for(x):
-    """The exp to use on x: the fast one when install() ran (Linux CPU) and x is float32, else mx.exp."""
-    return differentiable_exp if installed and x.dtype == mx.float32 else mx.exp
 
 
 @mx.compile  # not shapeless: `view` needs known shapes (retraced per new shape)

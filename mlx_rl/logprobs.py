@@ -24,8 +24,6 @@ import numpy as np
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from mlx_rl import fastmath
-
 
 def completion_batch(prompt_ids, completion_ids, completion_mask, pad_id=0):
     """Build (tokens (B, T), mask (B, T-1)) from prompt ids and a rollout's completions.
@@ -66,11 +64,12 @@ def token_logprobs(model, tokens, temperature=1.0, group_size=1, shared_len=0):
     logits = logits.astype(mx.float32)
     if temperature > 0:
         logits = logits / temperature
-    # log-softmax and entropy from one exp (a third of logsumexp + its gradient + exp(logp)):
-    # on MLX's Linux CPU wheel exp is the slow part, and fastmath's is used there.
-    exp = fastmath.exp_for(logits)
+    # log-softmax and entropy from one exp, where logsumexp, its gradient and exp(logp) take three:
+    # MLX's Linux CPU wheel computes exp one element at a time (see fastmath.py). (fastmath's exp
+    # would save another ~0.5 ms, but its last bit changed with the batch a row is scored in: PPO's
+    # first-epoch policy-vs-reference k3 became 1e-14 instead of exactly 0.)
     top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))  # (B, T-1, 1) for a safe exp
-    e = exp(logits - top)  # (B, T-1, V)
+    e = mx.exp(logits - top)  # (B, T-1, V)
     total = e.sum(axis=-1, keepdims=True)  # (B, T-1, 1)
     logp_all = logits - (top + mx.log(total))  # (B, T-1, V)
     targets = tokens[:, 1:]
