@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 
 from mlx_rl import ppo, train
 from mlx_rl.icemaze import discounted_returns
-from mlx_rl.models import new_tiny_model, save_checkpoint
+from mlx_rl.models import new_tiny_model
 from mlx_rl.runs import PhaseTimer
 from mlx_rl.tasks import get_task
 
@@ -244,14 +244,6 @@ def test_value_warmup_leaves_the_policy_unchanged(micro):
 
 
 # --- the command ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def micro_checkpoint(tmp_path_factory, micro):
-    model, tokenizer, config = micro
-    path = tmp_path_factory.mktemp("micro") / "checkpoint"
-    save_checkpoint(path, model, tokenizer, config)
-    return path
 
 
 def test_cli_runs_saves_value_head_and_resumes(tmp_path, micro_checkpoint):
