@@ -20,7 +20,6 @@ Two things follow that the RL chapters use:
     mlx-lm checkpoint later chapters can start from.
 """
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -82,14 +81,6 @@ def apply_lora(model, rank, num_layers=-1, scale=20.0, keys=None, base=None):
 def adapter_weights(model):
     """The adapters' arrays, {name: array}, named as in the model (and in adapters.safetensors)."""
     return {k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES}
-
-
-def save_adapters(directory, weights, adapter_config):
-    """Write adapters.safetensors + adapter_config.json, the layout `mlx_lm --adapter-path` reads."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(directory / "adapters.safetensors"), weights)
-    (directory / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
 
 
 def load_adapter_weights(model, directory):

@@ -9,7 +9,6 @@ With `bits=4` the linear and embedding layers are quantised the way
 `mlx_lm convert -q` does it.
 """
 
-import json
 from pathlib import Path
 
 import mlx.core as mx

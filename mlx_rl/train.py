@@ -21,7 +21,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
 
 from mlx_rl import lora
 from mlx_rl.config import MlxRlError, RunConfig, option
@@ -399,10 +398,6 @@ def interruptible(session, get_state):
 def step_seed(cfg, step):
     """Seed MLX's RNG from (seed, step) at the start of each step, so --resume samples the same tokens."""
     mx.random.seed(cfg.seed * 1_000_003 + step)
-
-
-def trainable_parameter_count(model):
-    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
 
 def peak_memory_gb():

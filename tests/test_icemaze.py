@@ -7,12 +7,12 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_rl import icemaze
+
 from mlx_rl.cli import main
 from mlx_rl.config import MlxRlError
 from mlx_rl.icemaze import (
     DOWN, LEFT, MAPS, RIGHT, UP, IceMaze, IceMazeConfig, PolicyNet, advantages_of, discounted_returns,
-    load_map, min_steps, one_hot_policy, parse_map, q_learning_episode, reinforce_loss, rollout,
+    load_map, min_steps, one_hot_policy, q_learning_episode, reinforce_loss, rollout,
     success_probability, value_iteration,
 )
 
