@@ -7,7 +7,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-
 from mlx_rl.cli import main
 from mlx_rl.config import MlxRlError
 from mlx_rl.icemaze import (
