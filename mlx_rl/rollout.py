@@ -57,13 +57,18 @@ class Rollout:
 
 
 def encode_prompts(tokenizer, prompts, chat_template=False):
-    """Token ids of each prompt, BOS included (as `mlx_lm generate` encodes them)."""
-    if chat_template:
-        return [
-            list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
-            for p in prompts
-        ]
-    return [tokenizer.encode(p) for p in prompts]
+    """Token ids of each prompt, BOS included (as `mlx_lm generate` encodes them).
+
+    A prompt repeated for a group is encoded once.
+    """
+
+    def encode(p):
+        if chat_template:
+            return list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
+        return tokenizer.encode(p)
+
+    ids = {p: encode(p) for p in dict.fromkeys(prompts)}
+    return [list(ids[p]) for p in prompts]
 
 
 class PaddedKVCache:
