@@ -37,7 +37,8 @@ class RunConfig:
     seed: int = option(0, "random seed for data, sampling and initialisation")
     steps: int = option(100, "number of training steps", min=1)
     model: typing.Optional[str] = option(
-        None, "checkpoint directory or hub name to start from (default: a new tiny model)"
+        None, "checkpoint directory or hub name to start from (default: pretrain builds a new tiny model; "
+        "grpo/ppo/dpo take the newest runs/pretrain-* checkpoint for the task)"
     )
     task: str = option("addition", "task name (see `mlx-rl tasks`)")
     resume: typing.Optional[str] = option(None, "continue an interrupted run directory from its last checkpoint")
