@@ -164,12 +164,7 @@ def pad_columns(x, n, value=0):
 
 def sample_prompts(task, rng, n):
     """n training prompts drawn with the run's numpy RNG (saved for --resume); repeats allowed."""
-    out = []
-    while len(out) < n:
-        problem = task.random_problem(rng)
-        if not task.is_held_out(problem):
-            out.append(task.prompt(problem))
-    return out
+    return [task.prompt(task.train_problem(rng)) for _ in range(n)]
 
 
 def grpo_step(model, tokenizer, task, prompts, cfg, update, reference, timer, reward_fn=None):

@@ -90,12 +90,16 @@ class Task:
                 return out
         return out
 
-    def corpus_example(self, rng):
-        """One (prompt, completion) pair of pretraining text, from the train split, mistakes included."""
+    def train_problem(self, rng):
+        """A random problem from the train split (never a held-out one)."""
         while True:
             p = self.random_problem(rng)
             if not self.is_held_out(p):
-                break
+                return p
+
+    def corpus_example(self, rng):
+        """One (prompt, completion) pair of pretraining text, from the train split, mistakes included."""
+        p = self.train_problem(rng)
         wrong = self.mistaken_answer(p)
         if wrong is not None and rng.random() < self.mistake_rate:
             return self.prompt(p), wrong
