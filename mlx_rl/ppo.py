@@ -273,7 +273,8 @@ def ppo_step(cfg, session, value_head, reference, update_policy, update_value, k
         mx.eval(scores, tokens, mask)
     B = tokens.shape[0]
     first_epoch = minibatches(rng, B, cfg.minibatch_size)
-    rest = [i for i in range(B) if i not in set(np.array(mx.concatenate(first_epoch)).tolist())]
+    in_first = set(np.array(mx.concatenate(first_epoch)).tolist())
+    rest = [i for i in range(B) if i not in in_first]  # rows no full minibatch took
     with timer("score"):  # log-probs and values of the rollout before any update: pi_old and V_old
         old_logprobs, old_values, features = score_rollout(
             policy, value_head, tokens, first_epoch + ([mx.array(rest)] if rest else []), cfg.temperature
@@ -284,7 +285,8 @@ def ppo_step(cfg, session, value_head, reference, update_policy, update_value, k
         logr = ref_logprobs - old_logprobs  # (B, T-1) log pi_ref - log pi
         mx.eval(logr)
     with timer("advantages"):
-        rewards = token_rewards(scores, k1(logr), mask, kl_coef)  # (B, T-1)
+        kl_per_token = k1(logr)  # (B, T-1)
+        rewards = token_rewards(scores, kl_per_token, mask, kl_coef)  # (B, T-1)
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
         adv_mean = masked_mean(advantages, mask)
         stats = {
@@ -294,8 +296,8 @@ def ppo_step(cfg, session, value_head, reference, update_policy, update_value, k
             "value/advantage_mean": adv_mean,
             "value/advantage_std": mx.sqrt(masked_mean((advantages - adv_mean) ** 2, mask)),
             "kl/k3": masked_mean(k3(logr), mask),  # per token
-            "kl/k1": masked_mean(k1(logr), mask),
-            "kl/sequence": (k1(logr) * mask).sum() / B,  # per completion: what --kl-target aims at
+            "kl/k1": masked_mean(kl_per_token, mask),
+            "kl/sequence": (kl_per_token * mask).sum() / B,  # per completion: what --kl-target aims at
         }
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask)
