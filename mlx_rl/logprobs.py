@@ -12,12 +12,11 @@ gives the same numbers alone or padded in a batch. Prompt and padding positions
 have mask 0 and so never reach a loss.
 
 Works with any mlx-lm model: it is one plain forward pass, `model(tokens)`.
-The reference policy of PPO / GRPO / DPO is a frozen copy of the starting
-model (`frozen_copy`), and `reference_logprobs` stops gradients at its output,
+The reference policy of PPO / GRPO / DPO holds the starting weights, frozen
+(`train.Reference`), and `reference_logprobs` stops gradients at its output,
 so a loss that mixes policy and reference log-probs trains only the policy.
 """
 
-import copy
 
 import mlx.core as mx
 import numpy as np
@@ -140,13 +139,6 @@ def sequence_logprobs(model, tokens, mask, temperature=1.0):
 def masked_mean(x, mask, axis=None):
     """Mean of x over positions where mask is 1."""
     return (x * mask).sum(axis=axis) / mx.maximum(mask.sum(axis=axis), 1.0)
-
-
-def frozen_copy(model):
-    """The reference policy: a copy of `model` with its own weights, frozen, so training never moves it."""
-    reference = copy.deepcopy(model)
-    reference.freeze()
-    return reference
 
 
 def reference_logprobs(ref_model, tokens, temperature=1.0):

@@ -8,9 +8,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_rl.logprobs import (
-    completion_batch, frozen_copy, masked_mean, reference_logprobs, sequence_logprobs, token_logprobs,
+    completion_batch, masked_mean, reference_logprobs, sequence_logprobs, token_logprobs,
 )
 from mlx_rl.models import new_tiny_model
+from mlx_rl.train import Reference
 
 ATOL = 1e-5  # float32; the same sums in a different order differ by ~1e-6
 
@@ -79,7 +80,7 @@ def test_masked_mean():
 
 def test_gradients_reach_the_policy_not_the_reference(micro):
     model, tokenizer = micro
-    reference = frozen_copy(model)
+    reference = Reference(model).model  # the chapters' reference: the starting weights, frozen
     tokens, mask = completion_batch(*a_batch(tokenizer))
     ref_logprobs = reference_logprobs(reference, tokens)
 
@@ -97,9 +98,9 @@ def test_gradients_reach_the_policy_not_the_reference(micro):
     assert all(mx.abs(g).sum().item() == 0 for _, g in tree_flatten(ref_grads))  # stop_gradient on its own
 
 
-def test_frozen_copy_is_independent(micro):
+def test_reference_is_independent_of_policy_updates(micro):
     model, tokenizer = micro
-    reference = frozen_copy(model)
+    reference = Reference(model).model
     tokens, _ = completion_batch(*a_batch(tokenizer))
     before = np.array(reference_logprobs(reference, tokens))
     original = model.parameters()
