@@ -1,6 +1,6 @@
 """Run every chapter's default run, time it, and write a table (markdown and JSON).
 
-    .venv/bin/python benchmarks/run.py                 # everything (about 40 minutes here)
+    .venv/bin/python benchmarks/run.py                 # everything (12 minutes here, controls included)
     .venv/bin/python benchmarks/run.py --only pretrain,grpo
     .venv/bin/python benchmarks/run.py --pretrained runs/x/checkpoint --only grpo
 
