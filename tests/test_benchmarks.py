@@ -1,0 +1,30 @@
+"""The GRPO step benchmark runs, splits its time by phase, and saves the model a peer benchmark loads."""
+
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm import load
+
+from mlx_rl.models import get_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import bench_grpo_step  # noqa: E402
+
+
+def test_grpo_step_benchmark_times_every_phase_and_saves_a_loadable_model(tmp_path):
+    args = bench_grpo_step.parse_args(["--preset", "micro", "--steps", "2", "--warmup", "1", "--prompts", "2",
+                                       "--save-model", str(tmp_path / "model")])
+    result = bench_grpo_step.measure(args)
+    assert result["step_s_min"] > 0 and result["step_s_mean"] >= result["step_s_min"]
+    assert {"generate", "reward", "forward_backward", "optimizer"} <= set(result["phase_s_mean"])
+    assert sum(result["phase_s_mean"].values()) <= result["step_s_mean"] * 1.01  # phases are parts of the step
+    # What the peer (TRL) loads: a standard checkpoint with the benchmarked, untrained weights.
+    model, tokenizer = load(str(tmp_path / "model"))
+    assert tokenizer.encode("07+45=")[0] == tokenizer.bos_token_id
+    fresh, _, _ = get_model(None, "micro", seed=0)
+    saved, start = dict(tree_flatten(model.parameters())), dict(tree_flatten(fresh.parameters()))
+    assert saved.keys() == start.keys()
+    assert all(mx.array_equal(saved[k], start[k]).item() for k in start)
