@@ -5,8 +5,8 @@ dependencies; see bench_grpo_vs_trl.py). It loads the checkpoint that `bench_grp
 wrote: the same random 1.06M-parameter Qwen3 model and character tokenizer, as a standard Hugging Face
 directory. Settings as in the issue: 8 prompts x group 8 (per_device_train_batch_size counts completions),
 8 new tokens, temperature 1, beta 0, one iteration per batch, full fine-tune, AdamW at lr 1e-4, two torch
-threads, no gradient checkpointing. The reward is the addition task's (exact answer 1, else 0.1 per right
-digit). A step is timed from the trainer's step-begin to step-end callbacks, so it includes generation,
+threads, no gradient checkpointing. The reward is the addition task's (1 for the exact answer, plus 0.1 per
+character in its right place). A step is timed from the trainer's step-begin to step-end callbacks, so it includes generation,
 reward, the loss's forward and backward, and the optimizer. Prints one JSON line.
 
     .venv-peer/bin/python benchmarks/peers/trl_grpo_step.py --model /tmp/grpo-bench-model
@@ -60,11 +60,11 @@ def main():
     rows = addition_rows(50 * (args.warmup + args.steps) * args.prompts, seed=0)
     answers = dict(rows)
 
-    def reward(prompts, completions, **kwargs):
+    def reward(prompts, completions, **kwargs):  # mlx_rl.tasks.Task.reward: 1 if exact, plus 0.1 per right character
         out = []
         for prompt, completion in zip(prompts, completions):
-            want = answers[prompt]
-            out.append(1.0 if completion.startswith(want) else 0.1 * sum(x == y for x, y in zip(completion, want)))
+            want, got = answers[prompt], completion.strip()
+            out.append(float(got == want) + 0.1 * sum(x == y for x, y in zip(got, want)))
         return out
 
     config = GRPOConfig(
