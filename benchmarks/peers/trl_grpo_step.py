@@ -3,11 +3,11 @@
 Runs in its own virtual environment with torch, transformers, trl, accelerate and datasets (not mlx-rl's
 dependencies; see bench_grpo_vs_trl.py). It loads the checkpoint that `bench_grpo_step.py --save-model DIR`
 wrote: the same random 1.06M-parameter Qwen3 model and character tokenizer, as a standard Hugging Face
-directory. Settings as in the issue: 8 prompts x group 8 (per_device_train_batch_size counts completions),
-8 new tokens, temperature 1, beta 0, one iteration per batch, full fine-tune, AdamW at lr 1e-4, two torch
+directory. Settings as in the issue: 8 prompts x group 8 (per_device_train_batch_size counts completions), 8
+new tokens, temperature 1, beta 0, one iteration per batch, full fine-tune, AdamW at lr 1e-4, two torch
 threads, no gradient checkpointing. The reward is the addition task's (1 for the exact answer, plus 0.1 per
-character in its right place). A step is timed from the trainer's step-begin to step-end callbacks, so it includes generation,
-reward, the loss's forward and backward, and the optimizer. Prints one JSON line.
+character in its right place). A step is timed from the trainer's step-begin to step-end callbacks, so it
+includes generation, reward, the loss's forward and backward, and the optimizer. Prints one JSON line.
 
     .venv-peer/bin/python benchmarks/peers/trl_grpo_step.py --model /tmp/grpo-bench-model
 """
