@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_rl import dpo, train
-from mlx_rl.models import count_parameters, new_tiny_model
+from mlx_rl.models import count_parameters, new_tiny_model, save_checkpoint
 from mlx_rl.runs import PhaseTimer
 from mlx_rl.tasks import get_task
 
@@ -42,7 +42,7 @@ def make_pairs(tokenizer, task, n, seed=0):
     return pairs
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=200, help="timed steps")
     ap.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation)")
@@ -52,9 +52,16 @@ def main():
     ap.add_argument("--with-reference", action="store_true", help="run the reference forward inside each step")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--json", help="write the results here")
-    args = ap.parse_args()
+    ap.add_argument("--save-model", default=None,
+                    help="also save the benchmarked (random) model as an mlx-lm checkpoint here, for a peer to load")
+    return ap.parse_args(argv)
 
-    model, tokenizer, _ = new_tiny_model("tiny", seed=0)
+
+def measure(args):
+    """Time args.steps DPO steps after args.warmup untimed ones. Returns the figures as a dict."""
+    model, tokenizer, config = new_tiny_model("tiny", seed=0)
+    if args.save_model:
+        save_checkpoint(args.save_model, model, tokenizer, config)
     task = get_task("addition")
     pairs = make_pairs(tokenizer, task, 512)
     dpo.compute_reference(model, pairs)
@@ -96,16 +103,23 @@ def main():
         "rpo_alpha": args.rpo_alpha,
         "reference_in_step": args.with_reference,
         "steps": args.steps,
-        "mean_step_s": float(np.mean(times)),
-        "median_step_s": float(np.median(times)),
+        "step_s_mean": float(np.mean(times)),
+        "step_s_median": float(np.median(times)),
         "cpu_s_per_step": cpu_s,
         "phases_s": phases,
         "final_loss": loss.item(),
         "load_average_1m": os.getloadavg()[0],
         "cpus": os.cpu_count(),
     }
+    return result
+
+
+def main():
+    args = parse_args()
+    result = measure(args)
+    cpu_s, phases = result["cpu_s_per_step"], result["phases_s"]
     print(f"DPO step, {result['parameters'] / 1e6:.2f}M parameters, {args.batch_size} pairs: "
-          f"mean {result['mean_step_s'] * 1000:.1f} ms, median {result['median_step_s'] * 1000:.1f} ms, "
+          f"mean {result['step_s_mean'] * 1000:.1f} ms, median {result['step_s_median'] * 1000:.1f} ms, "
           f"CPU time {cpu_s * 1000:.1f} ms/step "
           f"(load average {result['load_average_1m']:.1f} on {result['cpus']} CPUs)")
     print("  " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in phases.items()))

@@ -14,7 +14,7 @@ mlx_rl/grpo.py), which would time less than a full step. Every timed step is
 checked to have run its update.
 
 This machine's speed drifts, so compare against a peer measured in the same run:
-bench_grpo_vs_trl.py alternates this benchmark with TRL's GRPO step on the same
+bench_vs_trl.py alternates this benchmark with TRL's GRPO step on the same
 weights (--save-model writes them as a standard checkpoint for the peer).
 
     .venv/bin/python benchmarks/bench_grpo_step.py

@@ -1,7 +1,7 @@
-"""The peer side of bench_grpo_vs_trl.py: seconds per GRPO step in TRL (PyTorch, CPU) on the same model.
+"""The peer side of bench_vs_trl.py --step grpo: seconds per GRPO step in TRL (PyTorch, CPU) on the same model.
 
 Runs in its own virtual environment with torch, transformers, trl, accelerate and datasets (not mlx-rl's
-dependencies; see bench_grpo_vs_trl.py). It loads the checkpoint that `bench_grpo_step.py --save-model DIR`
+dependencies; see bench_vs_trl.py). It loads the checkpoint that `bench_grpo_step.py --save-model DIR`
 wrote: the same random 1.06M-parameter Qwen3 model and character tokenizer, as a standard Hugging Face
 directory. Settings as in the issue: 8 prompts x group 8 (per_device_train_batch_size counts completions), 8
 new tokens, temperature 1, beta 0, one iteration per batch, full fine-tune, AdamW at lr 1e-4, two torch
