@@ -1,4 +1,4 @@
-"""The GRPO step benchmark runs, splits its time by phase, and saves the model a peer benchmark loads."""
+"""The step benchmarks run, split their time by phase, and save the untrained model a peer benchmark loads."""
 
 import sys
 from pathlib import Path
@@ -28,3 +28,16 @@ def test_grpo_step_benchmark_times_every_phase_and_saves_a_loadable_model(tmp_pa
     saved, start = dict(tree_flatten(model.parameters())), dict(tree_flatten(fresh.parameters()))
     assert saved.keys() == start.keys()
     assert all(mx.array_equal(saved[k], start[k]).item() for k in start)
+
+
+def test_dpo_step_benchmark_times_the_update_and_saves_the_untrained_model(tmp_path):
+    import bench_dpo_step
+
+    result = bench_dpo_step.measure(bench_dpo_step.parse_args(["--steps", "2", "--warmup", "1",
+                                                               "--save-model", str(tmp_path / "model")]))
+    assert result["step_s_mean"] > 0 and set(result["phases_s"]) == {"time/update_s"}
+    assert result["phases_s"]["time/update_s"] <= result["step_s_mean"] * 1.01
+    model, _ = load(str(tmp_path / "model"))
+    fresh, _, _ = get_model(None, "tiny", seed=0)
+    saved, start = dict(tree_flatten(model.parameters())), dict(tree_flatten(fresh.parameters()))
+    assert saved.keys() == start.keys() and all(mx.array_equal(saved[k], start[k]).item() for k in start)
