@@ -11,7 +11,18 @@ from mlx_rl.models import get_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import bench_dpo_step  # noqa: E402
 import bench_grpo_step  # noqa: E402
+
+
+def assert_saved_untrained(path, preset):
+    """What the peer (TRL) loads: a standard checkpoint holding the benchmarked model's untrained weights."""
+    model, tokenizer = load(str(path))
+    assert tokenizer.encode("07+45=")[0] == tokenizer.bos_token_id
+    fresh, _, _ = get_model(None, preset, seed=0)
+    saved, start = dict(tree_flatten(model.parameters())), dict(tree_flatten(fresh.parameters()))
+    assert saved.keys() == start.keys()
+    assert all(mx.array_equal(saved[k], start[k]).item() for k in start)
 
 
 def test_grpo_step_benchmark_times_every_phase_and_saves_a_loadable_model(tmp_path):
@@ -21,23 +32,12 @@ def test_grpo_step_benchmark_times_every_phase_and_saves_a_loadable_model(tmp_pa
     assert result["step_s_min"] > 0 and result["step_s_mean"] >= result["step_s_min"]
     assert {"generate", "reward", "forward_backward", "optimizer"} <= set(result["phase_s_mean"])
     assert sum(result["phase_s_mean"].values()) <= result["step_s_mean"] * 1.01  # phases are parts of the step
-    # What the peer (TRL) loads: a standard checkpoint with the benchmarked, untrained weights.
-    model, tokenizer = load(str(tmp_path / "model"))
-    assert tokenizer.encode("07+45=")[0] == tokenizer.bos_token_id
-    fresh, _, _ = get_model(None, "micro", seed=0)
-    saved, start = dict(tree_flatten(model.parameters())), dict(tree_flatten(fresh.parameters()))
-    assert saved.keys() == start.keys()
-    assert all(mx.array_equal(saved[k], start[k]).item() for k in start)
+    assert_saved_untrained(tmp_path / "model", "micro")
 
 
 def test_dpo_step_benchmark_times_the_update_and_saves_the_untrained_model(tmp_path):
-    import bench_dpo_step
-
     result = bench_dpo_step.measure(bench_dpo_step.parse_args(["--steps", "2", "--warmup", "1",
                                                                "--save-model", str(tmp_path / "model")]))
     assert result["step_s_mean"] > 0 and set(result["phases_s"]) == {"time/update_s"}
     assert result["phases_s"]["time/update_s"] <= result["step_s_mean"] * 1.01
-    model, _ = load(str(tmp_path / "model"))
-    fresh, _, _ = get_model(None, "tiny", seed=0)
-    saved, start = dict(tree_flatten(model.parameters())), dict(tree_flatten(fresh.parameters()))
-    assert saved.keys() == start.keys() and all(mx.array_equal(saved[k], start[k]).item() for k in start)
+    assert_saved_untrained(tmp_path / "model", "tiny")

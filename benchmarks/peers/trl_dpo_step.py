@@ -12,41 +12,25 @@ step-begin to step-end callbacks. Prints one JSON line.
 """
 
 import argparse
-import json
 import random
-import statistics
-import time
 
-import torch
-import trl
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
+
+from trl_common import TRAINER_SETTINGS, StepTimer, addition_problem, load, train_and_report
 
 
 def addition_pairs(n, seed):
-    """n {"prompt", "chosen", "rejected"} rows in mlx-rl's addition format."""
+    """n {"prompt", "chosen", "rejected"} rows: the right answer against random wrong digits."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        a, b = rng.randrange(100), rng.randrange(100)
-        right = str(a + b).zfill(3)[::-1]
+        prompt, right = addition_problem(rng)
         wrong = right
         while wrong == right:
             wrong = "".join(str(rng.randrange(10)) for _ in right)
-        rows.append({"prompt": f"{a:02d}+{b:02d}=", "chosen": right, "rejected": wrong})
+        rows.append({"prompt": prompt, "chosen": right, "rejected": wrong})
     return rows
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.seconds, self.start = [], None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.seconds.append(time.perf_counter() - self.start)
 
 
 def main():
@@ -59,27 +43,16 @@ def main():
     parser.add_argument("--with-reference", action="store_true", help="run the reference forward inside each step")
     args = parser.parse_args()
 
-    torch.set_num_threads(2)
     config = DPOConfig(
         output_dir="/tmp/mlx-rl-peer-trl-dpo", per_device_train_batch_size=args.batch_size, beta=args.beta,
-        loss_type="sigmoid", learning_rate=1e-4, max_steps=args.warmup + args.steps,
-        precompute_ref_log_probs=not args.with_reference, use_cpu=True, bf16=False, gradient_checkpointing=False,
-        save_strategy="no", report_to="none", logging_steps=10**6, dataloader_num_workers=0, seed=0,
-        disable_tqdm=True,
+        loss_type="sigmoid", max_steps=args.warmup + args.steps, precompute_ref_log_probs=not args.with_reference,
+        **TRAINER_SETTINGS,
     )
+    model, tokenizer = load(args.model)
     timer = StepTimer()
-    trainer = DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), args=config,
-        train_dataset=Dataset.from_list(addition_pairs(512, seed=0)),
-        processing_class=AutoTokenizer.from_pretrained(args.model), callbacks=[timer],
-    )
-    trainer.train()
-    timed = timer.seconds[args.warmup:]
-    print(json.dumps({
-        "peer": f"trl {trl.__version__}, torch {torch.__version__}",
-        "step_s_mean": statistics.mean(timed), "step_s_median": statistics.median(timed), "step_s_min": min(timed),
-        "steps": len(timed),
-    }))
+    trainer = DPOTrainer(model=model, args=config, processing_class=tokenizer, callbacks=[timer],
+                         train_dataset=Dataset.from_list(addition_pairs(512, seed=0)))
+    train_and_report(trainer, timer, args.warmup)
 
 
 if __name__ == "__main__":

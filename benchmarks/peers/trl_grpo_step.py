@@ -13,37 +13,12 @@ includes generation, reward, the loss's forward and backward, and the optimizer.
 """
 
 import argparse
-import json
 import random
-import statistics
-import time
 
-import torch
-import trl
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-
-def addition_rows(n, seed):
-    """n (prompt, answer) pairs in mlx-rl's addition format: "07+45=" -> "250" (sum, units first)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randrange(100), rng.randrange(100)
-        rows.append((f"{a:02d}+{b:02d}=", str(a + b).zfill(3)[::-1]))
-    return rows
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.seconds, self.start = [], None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.seconds.append(time.perf_counter() - self.start)
+from trl_common import TRAINER_SETTINGS, StepTimer, addition_problem, load, train_and_report
 
 
 def main():
@@ -56,8 +31,8 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=8)
     args = parser.parse_args()
 
-    torch.set_num_threads(2)
-    rows = addition_rows(50 * (args.warmup + args.steps) * args.prompts, seed=0)
+    rng = random.Random(0)
+    rows = [addition_problem(rng) for _ in range(50 * (args.warmup + args.steps) * args.prompts)]
     answers = dict(rows)
 
     def reward(prompts, completions, **kwargs):  # mlx_rl.tasks.Task.reward: 1 if exact, plus 0.1 per right character
@@ -70,23 +45,13 @@ def main():
     config = GRPOConfig(
         output_dir="/tmp/mlx-rl-peer-trl", per_device_train_batch_size=args.prompts * args.group_size,
         num_generations=args.group_size, max_completion_length=args.max_new_tokens, temperature=1.0, beta=0.0,
-        num_iterations=1, learning_rate=1e-4, max_steps=args.warmup + args.steps, use_cpu=True, bf16=False,
-        gradient_checkpointing=False, save_strategy="no", report_to="none", logging_steps=10**6,
-        dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        num_iterations=1, max_steps=args.warmup + args.steps, **TRAINER_SETTINGS,
     )
+    model, tokenizer = load(args.model)
     timer = StepTimer()
-    trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), reward_funcs=reward,
-        args=config, train_dataset=Dataset.from_list([{"prompt": p} for p, _ in rows]),
-        processing_class=AutoTokenizer.from_pretrained(args.model), callbacks=[timer],
-    )
-    trainer.train()
-    timed = timer.seconds[args.warmup:]
-    print(json.dumps({
-        "peer": f"trl {trl.__version__}, torch {torch.__version__}",
-        "step_s_mean": statistics.mean(timed), "step_s_median": statistics.median(timed), "step_s_min": min(timed),
-        "steps": len(timed),
-    }))
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, processing_class=tokenizer, callbacks=[timer],
+                          train_dataset=Dataset.from_list([{"prompt": p} for p, _ in rows]))
+    train_and_report(trainer, timer, args.warmup)
 
 
 if __name__ == "__main__":
