@@ -128,7 +128,7 @@ def hold_out(rows, key, seed, valid_share, min_valid, source):
             break
         held.update(groups[k])
     if len(held) >= len(rows):
-        why = "they all share one prompt" if len(groups) == 1 else f"{len(rows)} are too few to hold out {want}"
+        why = f"{len(rows)} are too few to hold out {want}" if want >= len(rows) else "every row has the same prompt (or text)"
         raise MlxRlError(f"{source}: can't hold out rows for validation and keep some for training ({why}); "
                          "add rows, add a valid.jsonl, or set the held-out share to 0")
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
