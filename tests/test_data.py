@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlx_rl.config import MlxRlError
-from mlx_rl.data import datasets, pairs
+from mlx_rl.data import pairs
 from mlx_rl.data.datasets import (chat_tokens, charset, corpus_examples, load_corpus, load_prompts, needs_chat_template,
                                   prompt_messages, prompt_text, sample_rows)
 

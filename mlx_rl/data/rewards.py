@@ -17,7 +17,8 @@ None means "this reward does not apply to that completion": it is left out of
 the weighted sum (and out of that reward's mean).
 
 A SPEC names a reward:
-    path/to/file.py:function   the user's function. This IMPORTS AND RUNS THE USER'S
+    path/to/file.py:function   the user's function (the path relative to the current
+                               directory). This IMPORTS AND RUNS THE USER'S
                                FILE, which is the point: it is their code, run as if they
                                had imported it. (Nothing is ever eval'ed from a string.)
                                Modules next to the file can be imported at its top.
@@ -109,24 +110,32 @@ def builtin_exact(column):
     return exact
 
 
-def builtin_numeric(column, lenient=False):
+def numbers_equal(completions, answers, read):
+    """1.0 / 0.0 per row: does read(completion text) equal the answer as a number? None where answer is null."""
+    out = []
+    for i, (c, a) in enumerate(zip(completions, answers)):
+        if a is None:
+            out.append(None)
+            continue
+        want, got = answer_number(a, i), read(completion_text(c))
+        out.append(float(got is not None and got == want))
+    return out
+
+
+def builtin_numeric(column):
     def numeric(prompts, completions, **columns):
-        """1.0 if the first number in the completion equals answer as a number ("11.0" == 11), else 0.0
-        (also when there is no number); None where answer is null. lenient_numeric reads the number after
-        the first "=" when there is one ("3 + 8 = 11" -> 11), else the first number."""
-        out = []
-        for i, (c, a) in enumerate(zip(completions, columns[column])):
-            if a is None:
-                out.append(None)
-                continue
-            want, text = answer_number(a, i), completion_text(c)
-            if lenient and "=" in text:
-                text = text.split("=", 1)[1]
-            got = first_number(text)
-            out.append(float(got is not None and got == want))
-        return out
-    numeric.__name__ = "lenient_numeric" if lenient else "numeric"
+        """1.0 if the first number in the completion equals answer as a number ("11.0" == 11, "1,234" == 1234),
+        else 0.0 (also when there is no number); None where answer is null."""
+        return numbers_equal(completions, columns[column], first_number)
     return numeric
+
+
+def builtin_lenient_numeric(column):
+    def lenient_numeric(prompts, completions, **columns):
+        """Like numeric, but reads the number after the first "=" when there is one ("3 + 8 = 11" -> 11), else
+        the first number: for chat models that write out the sum. 0.0 when there is no number there."""
+        return numbers_equal(completions, columns[column], lambda text: first_number(text.split("=", 1)[-1]))
+    return lenient_numeric
 
 
 def builtin_chars(column):
@@ -178,8 +187,8 @@ class Builtin:
 
 BUILTINS = {
     "exact": Builtin(builtin_exact, "column", True),
-    "numeric": Builtin(lambda col: builtin_numeric(col), "column", True),
-    "lenient_numeric": Builtin(lambda col: builtin_numeric(col, lenient=True), "column", True),
+    "numeric": Builtin(builtin_numeric, "column", True),
+    "lenient_numeric": Builtin(builtin_lenient_numeric, "column", True),
     "chars": Builtin(builtin_chars, "column", False),
     "format": Builtin(builtin_format, "regex", True),
     "length": Builtin(builtin_length, "length", False),
@@ -419,8 +428,8 @@ class RewardSet:
         for k, v in columns.items():
             if len(v) != B:
                 raise ValueError(f"score: column '{k}' has {len(v)} values for {B} completions")
-        if len(prompts) != B:
-            raise ValueError(f"score: {len(prompts)} prompts for {B} completions")
+        if len(prompts) != B or (where is not None and len(where) != B):
+            raise ValueError(f"score: {len(prompts)} prompts and {'no' if where is None else len(where)} locations for {B} completions")
         if conversational is None:
             conversational = B > 0 and isinstance(prompts[0], list)
         if conversational:
