@@ -265,6 +265,7 @@ def test_required_columns_checked_before_any_model(tmp_path):
     load_rewards([f"{path}:needs", "exact:solution"]).check_columns(data.columns)
     assert "needs column 'difficulty'" in error(load_rewards([f"{path}:needs"]).check_columns, {"prompt", "solution"})
     assert "(TRL's names are 'prompts' and 'completions')" in error(load_rewards([f"{path}:singular_prompt"]).check_columns, data.columns)
+    assert "needs column 'answer'" in error(rs.score, ["a"], ["1"], {"solution": ["1"], "difficulty": [1]})  # score checks too
 
 
 def test_is_verifier(tmp_path):

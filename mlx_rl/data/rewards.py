@@ -430,6 +430,7 @@ class RewardSet:
                 raise ValueError(f"score: column '{k}' has {len(v)} values for {B} completions")
         if len(prompts) != B or (where is not None and len(where) != B):
             raise ValueError(f"score: {len(prompts)} prompts and {'no' if where is None else len(where)} locations for {B} completions")
+        self.check_columns(columns)  # a clear line rather than a KeyError from inside a reward
         if conversational is None:
             conversational = B > 0 and isinstance(prompts[0], list)
         if conversational:
