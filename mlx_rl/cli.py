@@ -1,8 +1,12 @@
-"""The `mlx-rl` command: one sub-command per chapter, plus eval, plot and tasks.
+"""The `mlx-rl` command: one sub-command per chapter, plus the tools (eval, plot, profile, report, tasks, import-gguf).
 
 Each chapter module exposes `cli`, a click command built from its config
 dataclass (see config.command). Errors in the user's input (MlxRlError) print
-one line and exit with status 2; they never show a traceback.
+one line and exit with status 2 (3: training diverged; 130: interrupted; 0: a
+finished run resumed with nothing to do); they never show a traceback.
+
+`main()` first switches on the speed-ups for MLX's Linux CPU backend
+(engine/speed.py: OpenBLAS must be loaded before MLX is imported).
 """
 
 import importlib
@@ -15,17 +19,17 @@ from mlx_rl.config import MlxRlError
 # command name -> module that defines it (imported only when that command runs, so
 # `mlx-rl --help` stays fast)
 COMMANDS = {
-    "icemaze": "mlx_rl.icemaze",
-    "pretrain": "mlx_rl.pretrain",
-    "kl": "mlx_rl.kl",
-    "grpo": "mlx_rl.grpo",
-    "ppo": "mlx_rl.ppo",
-    "dpo": "mlx_rl.dpo",
-    "dpo-pairs": "mlx_rl.dpo",
-    "eval": "mlx_rl.evaluate",
+    "icemaze": "mlx_rl.chapters.icemaze",
+    "pretrain": "mlx_rl.chapters.pretrain",
+    "kl": "mlx_rl.chapters.kl",
+    "grpo": "mlx_rl.chapters.grpo",
+    "ppo": "mlx_rl.chapters.ppo",
+    "dpo": "mlx_rl.chapters.dpo",
+    "dpo-pairs": "mlx_rl.chapters.dpo",
+    "eval": "mlx_rl.tools.evaluate",
     "plot": "mlx_rl.plots",
-    "profile": "mlx_rl.profile",
-    "tasks": "mlx_rl.evaluate",
+    "profile": "mlx_rl.tools.profile",
+    "tasks": "mlx_rl.tools.evaluate",
 }
 
 
@@ -51,11 +55,15 @@ def group():
 
 
 def main(argv=None):
+    from mlx_rl.engine import speed
+
+    speed.enable()  # OpenBLAS before MLX is imported; the fast SwiGLU when mlx-lm is
     try:
         group.main(args=argv, standalone_mode=False)
     except MlxRlError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        code = getattr(e, "exit_code", 2)
+        click.echo(f"{'error: ' if code not in (0, 130) else ''}{e}", err=True)
+        sys.exit(code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

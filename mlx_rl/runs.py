@@ -2,18 +2,26 @@
 
 Every training command writes the same layout:
 
-    RUN/config.json      the resolved config (repeat the run with --config RUN/config.json)
+    RUN/config.json      the resolved config, plus "runtime" (BLAS, fast SwiGLU, MLX version, world size)
+                         (repeat the run with --config RUN/config.json)
     RUN/metrics.jsonl    one JSON object per step: step, wall_s, metrics, time/<phase>_s
     RUN/samples.jsonl    sample completions with their rewards, at eval points
     RUN/plots/*.png      curves drawn from metrics.jsonl
     RUN/checkpoint/      the latest mlx-lm checkpoint (+ trainer_state.* for --resume)
-    RUN/summary.json     final figures and total wall time
+    RUN/summary.json     final figures, the same keys in every chapter (docs/metrics.md)
 
-Checkpoints are written to a temporary folder and swapped in with renames, so a
-kill at any moment leaves the last good checkpoint loadable.
+What keeps a run safe when it is killed at any moment:
+- a step's metrics line is written (and flushed to disk) *before* the checkpoint
+  that claims that step, so a resumed run never misses a step; --resume drops
+  the lines logged after its checkpoint (they are redone) and a torn last line;
+- checkpoints are written to a temporary folder and swapped in with renames, so
+  the last good checkpoint stays loadable; a temporary left by a kill is removed;
+- JSON never holds a bare NaN (written as null).
+In a data-parallel run only rank 0 writes (`Run.writer`).
 """
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -26,26 +34,74 @@ from pathlib import Path
 from mlx_rl.config import MlxRlError, to_dict
 
 
+def json_safe(obj):
+    """NaN and infinities as None (JSON has no NaN); arrays and numpy scalars as Python numbers."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            obj = obj.item()
+        except (TypeError, ValueError):
+            return obj
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def dumps(obj, **kwargs):
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
 def atomic_write_text(path, text):
+    """Write a file so that a reader (or a kill) sees the old content or the new, never half of it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def atomic_write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+    atomic_write_text(path, dumps(obj, indent=2) + "\n")
 
 
-def read_jsonl(path):
+def read_jsonl(path, strict=False):
+    """Rows of a JSONL file. A torn last line (a kill mid-write) is skipped; so are damaged lines
+    elsewhere unless strict, which raises one line naming the file and line."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if strict and number < len(lines):
+                raise MlxRlError(f"{path}:{number} is damaged (not valid JSON)") from None
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
-class StopRequested(KeyboardInterrupt):
-    """Raised by Run.log after a Ctrl-C, once the step's metrics are written."""
+def read_json(path, what):
+    """A JSON object from a file, or a one-line error naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MlxRlError(f"{what} {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MlxRlError(f"{what} {path} is damaged (not valid JSON)") from None
+    if not isinstance(data, dict):
+        raise MlxRlError(f"{what} {path} is damaged (not a JSON object)")
+    return data
 
 
 class PhaseTimer:
@@ -72,129 +128,122 @@ class PhaseTimer:
         return out
 
 
-class Progress:
-    """A one-line progress bar with the live loss; plain lines when not a terminal."""
-
-    def __init__(self, total, start=0, every=None, desc=""):
-        self.total, self.step, self.desc = total, start, desc
-        self.tty = sys.stderr.isatty()
-        self.every = every or max(1, total // 20)
-        self.start = time.perf_counter()
-
-    def update(self, step, **shown):
-        self.step = step
-        if not self.tty and step % self.every and step != self.total:
-            return
-        width = 24
-        done = int(width * step / max(self.total, 1))
-        bar = "#" * done + "-" * (width - done)
-        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
-        elapsed = time.perf_counter() - self.start
-        line = f"{self.desc} [{bar}] {step}/{self.total} {elapsed:5.0f}s {text}"
-        if self.tty:
-            sys.stderr.write("\r" + line[:160].ljust(100))
-            sys.stderr.flush()
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.tty:
-            sys.stderr.write("\n")
-
-
 def default_out(command):
+    """runs/<command>-<date>-<time>: one naming scheme for every command."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return str(Path("runs") / f"{command}-{stamp}")
 
 
-class Run:
-    """One run directory. `Run.create` for a new run, `Run.open_for_resume` to continue one."""
+def check_out_dir(path):
+    """A one-line error unless `path` can become a new run directory (nothing is created)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MlxRlError(f"--out {path} is a file, not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        hint = f"use --resume {path} to continue it, or " if (path / "config.json").exists() else ""
+        raise MlxRlError(f"run directory {path} already exists and is not empty ({hint}choose another --out)")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise MlxRlError(f"--out {path}: cannot write in {parent} (permission denied)")
 
-    def __init__(self, path, config, wall_offset=0.0):
+
+class Run:
+    """One run directory. `Run.create` for a new run, `Run.reopen` to continue one."""
+
+    def __init__(self, path, config, wall_offset=0.0, writer=True):
         self.path = Path(path)
         self.config = config
         self.started = time.perf_counter() - wall_offset
         self.plots_dir = self.path / "plots"
         self.checkpoint_dir = self.path / "checkpoint"
-        self.stop_requested = False  # set by Ctrl-C (see train.interruptible)
+        self.writer = writer  # False on the other ranks of a data-parallel run: they write nothing
 
     @classmethod
-    def create(cls, command, config):
+    def create(cls, command, config, runtime, writer=True):
         if config.out is None:
             config.out = default_out(command)
         path = Path(config.out)
-        if path.exists() and any(path.iterdir()):
-            raise MlxRlError(
-                f"run directory {path} already exists and is not empty "
-                f"(use --resume {path} to continue it, or choose another --out)"
-            )
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "plots").mkdir(exist_ok=True)
-        data = to_dict(config)
-        data["command"] = command
-        atomic_write_json(path / "config.json", data)
-        return cls(path, config)
+        if writer:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                (path / "plots").mkdir(exist_ok=True)
+            except OSError as e:
+                raise MlxRlError(f"--out {path}: cannot create it ({e.strerror})") from None
+        run = cls(path, config, writer=writer)
+        run.write_config(command, runtime)
+        return run
 
     @classmethod
-    def open_for_resume(cls, config):
-        """Reopen config.resume; returns (run, trainer_state) with metrics cut back to the checkpoint."""
+    def reopen(cls, config, step, wall_s, command, runtime, writer=True):
+        """Continue the run in config.resume from a checkpoint at `step` (0: no checkpoint, start again)."""
         path = Path(config.resume)
-        ckpt = find_checkpoint(path)
-        if ckpt is None:
-            raise MlxRlError(f"cannot resume {path}: it has no checkpoint to continue from")
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        step = state["step"]
-        # Steps logged after the checkpoint will be redone: drop them so the log reads as one run.
-        kept = [m for m in read_jsonl(path / "metrics.jsonl") if m["step"] <= step]
-        atomic_write_text(path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
-        samples = [s for s in read_jsonl(path / "samples.jsonl") if s.get("step", 0) <= step]
-        atomic_write_text(path / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         config.out = str(path)
-        data = to_dict(config)
-        data["command"] = json.loads((path / "config.json").read_text()).get("command")
-        atomic_write_json(path / "config.json", data)
-        run = cls(path, config, wall_offset=state.get("wall_s", 0.0))
-        return run, state
+        run = cls(path, config, wall_offset=wall_s, writer=writer)
+        if writer:
+            # Steps logged after the checkpoint are redone: drop them (and a torn last line).
+            kept = [m for m in read_jsonl(path / "metrics.jsonl") if m.get("step", 0) <= step and step > 0]
+            atomic_write_text(path / "metrics.jsonl", "".join(dumps(m) + "\n" for m in kept))
+            samples = [s for s in read_jsonl(path / "samples.jsonl") if s.get("step", 0) <= step and step > 0]
+            atomic_write_text(path / "samples.jsonl", "".join(dumps(s) + "\n" for s in samples))
+            (path / "summary.json").unlink(missing_ok=True)
+            (path / "plots").mkdir(exist_ok=True)
+            remove_temporaries(path)
+        run.write_config(command, runtime)
+        return run
+
+    def write_config(self, command, runtime):
+        if self.writer:
+            atomic_write_json(self.path / "config.json", {**to_dict(self.config), "command": command, "runtime": runtime})
 
     @property
     def wall_s(self):
         return time.perf_counter() - self.started
 
     def log(self, step, metrics):
-        """Append one step's metrics (floats, ints or 0-d arrays) to metrics.jsonl."""
-        row = {"step": int(step), "wall_s": round(self.wall_s, 4)}
-        for k, v in metrics.items():
-            row[k] = v.item() if hasattr(v, "item") else v
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.stop_requested:
-            raise StopRequested
+        """Append one step's metrics (floats, ints or 0-d arrays) to metrics.jsonl, flushed to disk."""
+        row = json_safe({"step": int(step), "wall_s": round(self.wall_s, 4), **metrics})
+        if self.writer:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
         return row
 
     def log_samples(self, step, rows):
-        with open(self.path / "samples.jsonl", "a") as f:
-            for r in rows:
-                f.write(json.dumps({"step": int(step), **r}) + "\n")
+        if self.writer and rows:
+            with open(self.path / "samples.jsonl", "a") as f:
+                for r in rows:
+                    f.write(dumps({"step": int(step), **r}) + "\n")
 
     def metrics(self):
         return read_jsonl(self.path / "metrics.jsonl")
 
-    def write_summary(self, **figures):
-        import mlx.core as mx
-
-        summary = {"wall_s": round(self.wall_s, 2), "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 4), **figures}
-        atomic_write_json(self.path / "summary.json", summary)
-        return summary
+    def write_summary(self, summary):
+        if self.writer:
+            atomic_write_json(self.path / "summary.json", summary)
+        return json_safe(summary)
 
 
 def find_checkpoint(run_path):
-    """The run's last complete checkpoint (or the previous one if a swap was cut short)."""
+    """The run's last complete checkpoint (or the previous one if a swap was cut short), or None."""
     run_path = Path(run_path)
     for name in ("checkpoint", "checkpoint.old"):
         p = run_path / name
-        if (p / "trainer_state.json").exists() or (p / "config.json").exists():
+        if (p / "trainer_state.json").exists():
             return p
     return None
+
+
+def remove_temporaries(run_path):
+    """Temporary checkpoint folders and files left behind by a kill mid-save."""
+    for p in Path(run_path).glob(".*.tmp-*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    old = Path(run_path) / "checkpoint.old"
+    if old.exists() and (Path(run_path) / "checkpoint" / "trainer_state.json").exists():
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def swap_in_checkpoint(tmp_dir, final_dir):
@@ -217,3 +266,13 @@ def temp_dir_beside(final_dir):
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def fsync_tree(path):
+    """Flush every file under path to disk (before a checkpoint swap makes it the real one)."""
+    for p in Path(path).rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_rl.models import save_tokenizer
+from mlx_rl.engine.models import save_tokenizer
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # Role markers around every message; "<|end|>" closes a turn and is a second EOS id.
@@ -44,7 +44,7 @@ ARCHS = {
 
 def training_text(n=3000, seed=0):
     """Text the BPE merges are learnt from: addition and sort examples plus English words."""
-    from mlx_rl.tasks import get_task
+    from mlx_rl.data.tasks import get_task
 
     rng = np.random.default_rng(seed)
     lines = []

@@ -165,3 +165,146 @@ def write_pairs(path, rows):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# --- pairs as token ids, for training -------------------------------------------------------------
+# Training never re-tokenises sampled text: pairs built on-policy keep the ids that were
+# sampled. Text pairs from a file are tokenised as prompt ids (BOS or chat template
+# included) + answer ids + EOS, each part on its own and never as one joined string, so
+# the boundary between prompt and answer is exact even with BPE tokenizers.
+
+
+@dataclasses.dataclass
+class Pairs:
+    prompt_ids: list  # (P,) lists of prompt ids, BOS / chat template included
+    chosen_ids: list  # (P,) lists of answer ids, EOS included where the answer ended with it
+    rejected_ids: list  # (P,)
+    ref_chosen: "np.ndarray" = None  # (P,) reference sequence log-probs, filled once before training
+    ref_rejected: "np.ndarray" = None
+
+    def __len__(self):
+        return len(self.prompt_ids)
+
+    def to_json(self):
+        return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data):
+        import numpy as np
+
+        pairs = cls(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])
+        if data.get("ref_chosen") is not None:
+            pairs.ref_chosen = np.array(data["ref_chosen"], dtype=np.float32)
+            pairs.ref_rejected = np.array(data["ref_rejected"], dtype=np.float32)
+        return pairs
+
+
+def tokenize_pairs(records, tokenizer, chat_template=False):
+    """Text pairs -> Pairs: prompt ids, then answer ids + EOS, tokenised separately (never the joined string)."""
+    from mlx_rl.engine.sampling import encode_prompts
+
+    eos = tokenizer.eos_token_id
+    pairs = Pairs([], [], [])
+    for r in records:
+        if isinstance(r["prompt"], list) and not getattr(tokenizer, "has_chat_template", False):
+            raise MlxRlError(f"{r['where']}: 'prompt' is a list of messages but the model's tokenizer has no chat template")
+        pairs.prompt_ids.append(encode_prompts(tokenizer, [{"prompt": r["prompt"]}], chat_template)[0])
+        pairs.chosen_ids.append(tokenizer.encode(r["chosen"], add_special_tokens=False) + [eos])
+        pairs.rejected_ids.append(tokenizer.encode(r["rejected"], add_special_tokens=False) + [eos])
+    return pairs
+
+
+def pair_batch(pairs, idx, pad_id=0):
+    """Pairs idx as one batch: tokens (2B, T), mask (2B, T-1), ref log-probs (2B,) or None; chosen rows first."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_rl.engine.logprobs import completion_batch
+
+    prompt_ids = [pairs.prompt_ids[i] for i in idx] * 2
+    answers = [pairs.chosen_ids[i] for i in idx] + [pairs.rejected_ids[i] for i in idx]
+    n = max(len(a) for a in answers)
+    completion_ids = [a + [pad_id] * (n - len(a)) for a in answers]  # (2B, N)
+    completion_mask = [[1] * len(a) + [0] * (n - len(a)) for a in answers]
+    tokens, mask = completion_batch(prompt_ids, completion_ids, completion_mask, pad_id)
+    ref = None
+    if pairs.ref_chosen is not None:
+        ref = mx.array(np.concatenate([pairs.ref_chosen[idx], pairs.ref_rejected[idx]]))
+    return tokens, mask, ref
+
+
+def build_pairs(model, tokenizer, task, rows, samples_per_prompt, temperature=1.0, chat_template=False, timer=None,
+                chunk=1024, world=None):
+    """On-policy pairs: sample answers, score them with the task's rewards, pair the best with the worst of each prompt.
+
+    Returns (Pairs with the sampled token ids, JSONL rows for `write_pairs`, metrics).
+    Prompts whose answers all score the same make no pair and are counted as skipped
+    (so are the rare pairs with an empty answer, which the JSONL format can't hold).
+    In a data-parallel run each rank samples its share of the prompts and every rank
+    gets all the pairs.
+    """
+    import numpy as np
+
+    from mlx_rl.engine.evaluate import score_rows
+    from mlx_rl.engine.sampling import generate
+    from mlx_rl.runs import PhaseTimer
+
+    timer = timer or PhaseTimer()
+    k, N = samples_per_prompt, task.max_new_tokens
+    pad_id = tokenizer.pad_token_id or 0
+    mine = world.shard(rows) if world is not None else rows
+    repeated = [r for r in mine for _ in range(k)]  # (P * k,) each prompt k times in a row
+    ids, masks, texts, prompt_ids = [], [], [], []
+    with timer("generate"):
+        for start in range(0, len(repeated), chunk):
+            r = generate(model, tokenizer, repeated[start : start + chunk], N, temperature=temperature,
+                         chat_template=chat_template)
+            n = r.completion_ids.shape[1]
+            ids += [row + [pad_id] * (N - n) for row in np.array(r.completion_ids).tolist()]
+            masks += [row + [0] * (N - n) for row in np.array(r.mask).astype(int).tolist()]
+            texts += r.texts
+            prompt_ids += r.prompt_ids
+    with timer("reward"):
+        scores = score_rows(task, repeated, texts) if repeated else None
+        rewards = scores.total.reshape(len(mine), k) if repeated else np.zeros((0, k))  # (P, k)
+    pairs, jsonl = Pairs([], [], []), []
+    for i, row in enumerate(mine):
+        best, worst = int(rewards[i].argmax()), int(rewards[i].argmin())
+        b, w = i * k + best, i * k + worst
+        if rewards[i, best] == rewards[i, worst]:
+            continue  # no preference to learn from
+        if not (texts[b].strip() and texts[w].strip()):
+            continue  # an empty answer (EOS at once) can't be written as a pair; skip it
+        pairs.prompt_ids.append(prompt_ids[b])
+        pairs.chosen_ids.append(ids[b][: sum(masks[b])])  # the sampled ids, EOS included, never re-tokenised
+        pairs.rejected_ids.append(ids[w][: sum(masks[w])])
+        jsonl.append({"prompt": row["prompt"], "chosen": texts[b], "rejected": texts[w],
+                      "score_chosen": float(rewards[i, best]), "score_rejected": float(rewards[i, worst])})
+    if world is not None and world.size > 1:
+        pairs, jsonl = world.all_objects((pairs, jsonl), merge_pairs)
+    first = scores.per_reward[scores.names[0]] if repeated else np.zeros(0)
+    accuracy_sums = np.array([np.nansum(first), np.isfinite(first).sum(), rewards.sum(), (rewards ** 2).sum(), rewards.size])
+    if world is not None:
+        accuracy_sums = world.sum(accuracy_sums)
+    mean = accuracy_sums[2] / max(accuracy_sums[4], 1)
+    metrics = {
+        "pairs/count": len(pairs),
+        "pairs/skipped_prompts": len(rows) - len(pairs),
+        "pairs/chosen_correct": float(np.mean([r["score_chosen"] >= 1 for r in jsonl])) if jsonl else float("nan"),
+        "reward/mean": float(mean),
+        "reward/std": float(np.sqrt(max(accuracy_sums[3] / max(accuracy_sums[4], 1) - mean ** 2, 0.0))),
+    }
+    if task.rewards.is_verifier():
+        metrics["train/accuracy"] = float(accuracy_sums[0] / max(accuracy_sums[1], 1))  # of the sampled answers
+    return pairs, jsonl, metrics
+
+
+def merge_pairs(parts):
+    """Each rank's (Pairs, JSONL rows), in rank order -> one (Pairs, rows)."""
+    pairs, rows = Pairs([], [], []), []
+    for p, r in parts:
+        pairs.prompt_ids += p.prompt_ids
+        pairs.chosen_ids += p.chosen_ids
+        pairs.rejected_ids += p.rejected_ids
+        rows += r
+    return pairs, rows

@@ -46,7 +46,8 @@ import mlx.optimizers as optim
 import numpy as np
 
 from mlx_rl.config import MlxRlError, command, option
-from mlx_rl.runs import Progress, Run, atomic_write_json
+from mlx_rl.engine.live import LiveLine, fmt_duration
+from mlx_rl.runs import Run, atomic_write_json, check_out_dir
 
 
 # --- config --------------------------------------------------------------------
@@ -539,7 +540,7 @@ class Logger:
 def train_q_learning(cfg, env, episodes, rng, logger):
     Q = [[0.0] * env.n_actions for _ in range(env.n_states)]  # Q[s][a], all zero at the start
     start_s = env.start
-    progress = Progress(episodes, desc="q_learning")
+    progress = LiveLine("icemaze q_learning", episodes, signals={"success": "charts/success", "epsilon": "charts/epsilon"})
     start = time.perf_counter()
     for episode in range(1, episodes + 1):
         epsilon, alpha = schedules(episode - 1, cfg, episodes)
@@ -550,7 +551,7 @@ def train_q_learning(cfg, env, episodes, rng, logger):
             "values/v_start": max(Q[start_s]),  # V(s) = max_a Q(s, a): the value of the greedy target policy
         })
         if episode % logger.every == 0:
-            progress.update(episode, success=logger.rows[-1]["charts/success"], eps=epsilon)
+            progress.update(episode, logger.rows[-1])
     progress.close()
     logger.flush(episodes)
     Q = np.array(Q)  # (S, A)
@@ -564,7 +565,7 @@ def train_reinforce(cfg, env, episodes, rng, logger):
     value_and_grad = nn.value_and_grad(model, lambda *a: reinforce_loss(model, *a))
     eye = mx.eye(env.n_states)
     updates = math.ceil(episodes / cfg.batch_episodes)
-    progress = Progress(updates, desc="reinforce")
+    progress = LiveLine("icemaze reinforce", updates, signals={"success": "charts/success", "loss": "losses/policy_loss"})
     start, done = time.perf_counter(), 0
     for update in range(1, updates + 1):
         n = min(cfg.batch_episodes, episodes - done)
@@ -583,7 +584,7 @@ def train_reinforce(cfg, env, episodes, rng, logger):
                    "charts/success": eps.success.mean(), **{k: v.item() for k, v in metrics.items()}}
         logger.add(done, figures, n)
         if update % max(1, updates // 50) == 0 or update == updates:
-            progress.update(update, success=float(eps.success.mean()), loss=loss.item())
+            progress.update(update, {"charts/success": float(eps.success.mean()), "losses/policy_loss": loss.item()})
     progress.close()
     logger.flush(episodes)
     probs, V = policy_table(model, env.n_states)
@@ -596,9 +597,14 @@ def train_reinforce(cfg, env, episodes, rng, logger):
 
 
 def train(cfg):
+    from mlx_rl.engine import speed
+    from mlx_rl.engine.loop import summary_dict
+
     env = make_env(cfg)
     board = board_name(cfg, env)
-    run = Run.create("icemaze", cfg)
+    if cfg.out is not None:
+        check_out_dir(cfg.out)
+    run = Run.create("icemaze", cfg, speed.runtime())
     episodes = cfg.episodes or DEFAULT_EPISODES.get((cfg.algo, board, cfg.slippery), 1)
     print(f"icemaze: {cfg.algo} on {cfg.map} ({env.n_rows}x{env.n_cols}, {'slippery' if cfg.slippery else 'deterministic'})"
           f", {episodes if cfg.algo != 'value_iteration' else 0} episodes -> {run.path}")
@@ -635,20 +641,24 @@ def train(cfg):
     })
     if cfg.plots:
         plot_run(run, env, learned, V_star, pi_star, logger.rows, cfg)
-    summary = run.write_summary(
-        algo=cfg.algo, map=env.rows, slippery=cfg.slippery, episodes=episodes if cfg.algo != "value_iteration" else 0,
-        train_s=round(learned["train_s"], 2), min_steps=shortest,
-        eval=ev,
-        value_iteration={**ev_star, "v_start": float(V_star[env.start]), "sweeps": len(deltas)},
-        success_gap=round(abs(ev["success_rate"] - ev_star["success_rate"]), 4),
-        shortest_path_every_episode=bool(all_shortest),
-        eval_episodes=cfg.eval_episodes,
-    )
+    n_episodes = episodes if cfg.algo != "value_iteration" else 0
+    details = {
+        "algo": cfg.algo, "map": env.rows, "slippery": cfg.slippery, "episodes": n_episodes,
+        "train_s": round(learned["train_s"], 2), "min_steps": shortest, "eval": ev,
+        "value_iteration": {**ev_star, "v_start": float(V_star[env.start]), "sweeps": len(deltas)},
+        "success_gap": round(abs(ev["success_rate"] - ev_star["success_rate"]), 4),
+        "shortest_path_every_episode": bool(all_shortest), "eval_episodes": cfg.eval_episodes,
+    }
+    before = {"eval/success_rate_optimal": ev_star["success_rate"]}  # the optimal policy: what "after" aims at
+    after = {"eval/success_rate": ev["success_rate"]}
+    final = {k: v for k, v in (logger.rows[-1] if logger.rows else {}).items() if k not in ("step", "wall_s")}
+    summary = run.write_summary(summary_dict("icemaze", n_episodes or len(deltas), run.wall_s, before, after, final,
+                                             {"train": round(learned["train_s"], 3)}, None, run.path, details))
     print("greedy policy:")
     print(env.render(policy=learned["policy"]))
-    print(f"success {ev['success_rate']:.3f} (value iteration {ev_star['success_rate']:.3f}) over {cfg.eval_episodes}"
-          f" greedy episodes; shortest path {shortest} steps, learned {ev['success_min_length']}-{ev['success_max_length']}"
-          f"; {summary['wall_s']:.1f}s")
+    print(f"icemaze: greedy success rate {ev['success_rate']:.1%} (optimal {ev_star['success_rate']:.1%}) over "
+          f"{cfg.eval_episodes} episodes; shortest path {shortest} steps, learned {ev['success_min_length']}-"
+          f"{ev['success_max_length']} in {fmt_duration(summary['wall_s'])}; run in {run.path}")
     return summary
 
 

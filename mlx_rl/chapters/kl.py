@@ -130,7 +130,7 @@ class KLConfig:
     trials: int = option(1000, "independent estimates per sample size (for mean and spread)", min=2)
 
     def validate(self):
-        from mlx_rl.tasks import get_task
+        from mlx_rl.data.tasks import get_task
 
         get_task(self.task)  # an unknown task fails before any work is done
 
@@ -214,11 +214,11 @@ def perturbed_copy(model, noise, seed):
 
 def checkpoint_experiment(cfg, reference, policy, tokenizer):
     """Per-token estimators on the policy's samples vs the exact per-token KL(policy || reference)."""
-    from mlx_rl.logprobs import completion_batch, reference_logprobs, token_logprobs
-    from mlx_rl.rollout import generate
-    from mlx_rl.tasks import get_task
+    from mlx_rl.data.tasks import get_task
+    from mlx_rl.engine.logprobs import completion_batch, reference_logprobs, token_logprobs
+    from mlx_rl.engine.sampling import generate
 
-    prompts = get_task(cfg.task).prompts("train", cfg.prompts, cfg.seed)
+    prompts = get_task(cfg.task).train_rows(np.random.default_rng([cfg.seed, 0]), cfg.prompts, distinct=True)
     mx.random.seed(cfg.seed)
     rollout = generate(policy, tokenizer, prompts, cfg.max_new_tokens, temperature=1.0)  # x ~ q = policy
     tokens, mask = completion_batch(rollout.prompt_ids, rollout.completion_ids, rollout.mask)
@@ -312,10 +312,15 @@ def plot_sweep(rows, path):
 
 def train(cfg):
     """Run the three experiments; write plots, metrics and summary.json to the run directory."""
-    from mlx_rl.models import get_model, load_model
-    from mlx_rl.runs import Run
+    from mlx_rl.engine import speed
+    from mlx_rl.engine.live import fmt_duration
+    from mlx_rl.engine.loop import summary_dict
+    from mlx_rl.engine.models import get_model, load_model
+    from mlx_rl.runs import Run, check_out_dir
 
-    run = Run.create("kl", cfg)
+    if cfg.out is not None:
+        check_out_dir(cfg.out)
+    run = Run.create("kl", cfg, speed.runtime())
     mx.random.seed(cfg.seed)
 
     categorical = {}
@@ -345,16 +350,19 @@ def train(cfg):
             row[f"kl/{name}_std"] = models["estimators"][name]["std"][i]
         run.log(n, row)
 
-    summary = run.write_summary(
-        categorical=categorical, bias_and_spread=sweep, checkpoints=models,
-        rl_chapters_use="k3: unbiased for KL(policy || reference), never negative, low variance near the reference",
-    )
-    report(summary, run)
+    details = {"categorical": categorical, "bias_and_spread": sweep, "checkpoints": models,
+               "rl_chapters_use": "k3: unbiased for KL(policy || reference), never negative, low variance near the reference"}
+    final = {f"kl/{k}": models["estimators"][k]["pool_mean"] for k in ESTIMATOR_FNS}
+    final["kl/exact"] = models["kl_policy_reference"]
+    summary = run.write_summary(summary_dict("kl", len(models["estimators"]["k3"]["n"]), run.wall_s, {}, {}, final, {},
+                                             None, run.path, details))
+    report(summary["details"], run)
+    print(f"kl: exact KL(policy || reference) {final['kl/exact']:.4f} per token, k3 {final['kl/k3']:.4f} in "
+          f"{fmt_duration(summary['wall_s'])}; run in {run.path}")
     return summary
 
 
 def report(summary, run):
-    print(f"run directory: {run.path}")
     for case, r in summary["categorical"].items():
         n, last = r["estimators"]["k1"]["n"][-1], {k: r["estimators"][k] for k in ESTIMATOR_FNS}
         print(f"categorical {case}: KL(q||p) = {r['kl_q_p']:.4f}  (other direction {r['kl_p_q']:.4f})")

@@ -57,15 +57,18 @@ import typing
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
-from mlx_rl import train
+from mlx_rl.chapters.grpo_family import approx_kl
+from mlx_rl.chapters.kl import k1, k3
 from mlx_rl.config import MlxRlError, command, option
-from mlx_rl.kl import k1, k3
-from mlx_rl.logprobs import completion_batch, masked_mean
-from mlx_rl.plots import plot_run
-from mlx_rl.rollout import generate
-from mlx_rl.runs import PhaseTimer, Progress, find_checkpoint
+from mlx_rl.engine import loop
+from mlx_rl.engine.evaluate import score_rows
+from mlx_rl.engine.logprobs import completion_batch, masked, masked_mean, token_logprobs
+from mlx_rl.engine.sampling import generate
+from mlx_rl.engine.session import LLMConfig, resolve_policy_model, start
+from mlx_rl.engine.update import current_lr
+from mlx_rl.runs import PhaseTimer
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -74,8 +77,9 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 @dataclasses.dataclass
-class PPOConfig(train.LLMConfig):
-    steps: int = option(30, "number of PPO steps (one rollout batch, then epochs of minibatch updates)", min=1)
+class PPOConfig(LLMConfig):
+    steps: int = option(30, "number of PPO steps (one rollout batch, then epochs of minibatch updates)", min=1,
+                        resumable=True)
     rollout_batch: int = option(256, "prompts per step, one sampled completion each", min=1)
     minibatch_size: int = option(64, "completions per gradient update", min=1)
     epochs: int = option(2, "policy passes over the rollout batch per step", min=1)
@@ -83,19 +87,23 @@ class PPOConfig(train.LLMConfig):
     value_clip: float = option(0.2, "value clip: new values stay within this of the rollout's (0: no clipping)", min=0.0)
     gamma: float = option(1.0, "discount per token", min=0.0, max=1.0)
     gae_lambda: float = option(0.95, "GAE lambda: 1 = Monte-Carlo return minus value, 0 = one-step TD error", min=0.0, max=1.0)
-    kl_coef: float = option(0.05, "weight of the per-token KL penalty to the reference in the reward (start value when adaptive)", min=0.0)
-    kl_target: typing.Optional[float] = option(None, "adapt kl_coef so the KL per completion approaches this (default: fixed kl_coef)", above=0.0)
+    kl_coef: float = option(0.05, "weight of the per-token KL penalty to the reference in the reward (start value when "
+                            "adaptive)", min=0.0)
+    kl_target: typing.Optional[float] = option(None, "adapt kl_coef so the KL per completion approaches this (default: "
+                                               "fixed kl_coef)", above=0.0)
     kl_horizon: int = option(10000, "adaptive KL: completions over which kl_coef may change by at most 20%", min=1)
-    lr: float = option(1e-4, "policy learning rate (AdamW)", above=0.0)
-    value_lr: float = option(3e-3, "value head learning rate (AdamW)", above=0.0)
+    lr: float = option(1e-4, "policy learning rate (AdamW)", above=0.0, resumable=True)
+    value_lr: float = option(3e-3, "value head learning rate (AdamW)", above=0.0, resumable=True)
     value_epochs: int = option(8, "value head passes over the rollout batch per step (cheap: cached features)", min=1)
     value_warmup: int = option(2, "first steps train the value head only (the policy is left as it is)", min=0)
     whiten_advantages: bool = option(True, "normalise advantages to mean 0, std 1 over the rollout's tokens")
     temperature: float = option(1.0, "sampling temperature of the rollouts", above=0.0)
+    max_new_tokens: int = option(0, "longest completion (0: the task's answer length + EOS; 64 with --data)", min=0)
     warmup: int = option(0, "linear learning-rate warm-up of the policy, in updates", min=0)
-    lr_schedule: str = option("cosine", "policy learning rate after warm-up: constant, or cosine decay to lr/20 by the last update",
-                              choices=["constant", "cosine"])
-    eval_every: int = option(5, "evaluate held-out greedy accuracy every N steps (0: only at the end)", min=0)
+    lr_schedule: str = option("cosine", "policy learning rate after warm-up: constant, or cosine decay to lr/20 by the "
+                              "last update", choices=["constant", "cosine"])
+    eval_every: int = option(5, "evaluate held-out greedy accuracy every N steps (0: only at the start and the end)",
+                             min=0, resumable=True)
 
     def validate(self):
         if self.minibatch_size > self.rollout_batch:
@@ -116,27 +124,6 @@ class ValueHead(nn.Module):
 
     def __call__(self, hidden):  # (B, T, H) -> (B, T)
         return self.linear(hidden)[..., 0].astype(mx.float32)
-
-
-def output_layer(model, hidden):
-    """The policy's own head: logits from final hidden states (tied embeddings or lm_head)."""
-    if hasattr(model, "lm_head"):
-        return model.lm_head(hidden)
-    return model.model.embed_tokens.as_linear(hidden)
-
-
-def policy_forward(model, tokens, temperature=1.0):
-    """Per-token log-probs and entropies of tokens[:, 1:], and the hidden states they came from.
-
-    One pass of the transformer body (`model.model`) serves the policy and the
-    value head. Returns (B, T-1), (B, T-1), (B, T-1, H).
-    """
-    hidden = model.model(tokens[:, :-1])  # (B, T-1, H) final-normed hidden states
-    logits = output_layer(model, hidden).astype(mx.float32) / temperature  # (B, T-1, V)
-    logp_all = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, T-1, V)
-    logprobs = mx.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]  # (B, T-1)
-    entropy = -(mx.exp(logp_all) * logp_all).sum(axis=-1)  # (B, T-1)
-    return logprobs, entropy, hidden
 
 
 # --- the maths ---------------------------------------------------------------------
@@ -174,18 +161,24 @@ def whiten(x, mask, eps=1e-8):
     return (x - mean) * mx.rsqrt(var + eps) * mask
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
-    """PPO's clipped surrogate, mean over completion tokens. (B, T) each -> (loss, metrics)."""
-    logratio = logprobs - old_logprobs  # (B, T)
-    ratio = mx.exp(logratio)
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, n_tokens=None):
+    """PPO's clipped surrogate, mean over completion tokens. (B, T) each -> (loss, metrics).
+
+    n_tokens: the minibatch's token count over all ranks (default: this batch's), so that
+    each rank's loss is its share of the global mean.
+    """
+    n_tokens = mask.sum() if n_tokens is None else n_tokens
+    logprobs, old_logprobs, advantages = (masked(x, mask) for x in (logprobs, old_logprobs, advantages))
+    ratio = mx.exp(logprobs - old_logprobs)  # (B, T)
     unclipped = -advantages * ratio
     clipped = -advantages * mx.clip(ratio, 1 - clip_eps, 1 + clip_eps)
-    loss = masked_mean(mx.maximum(unclipped, clipped), mask)  # pessimistic: the worse of the two
+    share = lambda x: masked(x, mask).sum() / n_tokens  # noqa: E731
+    loss = share(mx.maximum(unclipped, clipped))  # pessimistic: the worse of the two
     ratio = mx.stop_gradient(ratio)
     metrics = {
-        "policy/clipfrac": masked_mean((clipped > unclipped).astype(mx.float32), mask),
-        "kl/approx": masked_mean((ratio - 1) - mx.stop_gradient(logratio), mask),  # k3 of old vs new
-        "policy/ratio_mean": masked_mean(ratio, mask),
+        "policy/clipfrac": share((clipped > unclipped).astype(mx.float32)),
+        "kl/approx": share(approx_kl(mx.stop_gradient(logprobs), old_logprobs)),  # KL(pi_old || pi), as in every chapter
+        "policy/ratio_mean": share(ratio),
         "policy/ratio_min": mx.where(mask > 0, ratio, mx.inf).min(),
         "policy/ratio_max": mx.where(mask > 0, ratio, -mx.inf).max(),
     }
@@ -194,6 +187,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
 
 def value_loss(values, old_values, returns, mask, value_clip):
     """0.5 (V - R)^2, pessimistically clipped so V moves at most value_clip from the rollout's. (B, T) each."""
+    values, old_values, returns = (masked(x, mask) for x in (values, old_values, returns))
     error = (values - returns) ** 2  # (B, T)
     if value_clip > 0:
         clipped = old_values + mx.clip(values - old_values, -value_clip, value_clip)
@@ -223,10 +217,10 @@ def adapt_kl_coef(kl_coef, kl, kl_target, n, horizon):
 
 
 def make_policy_loss(clip_eps, temperature):
-    def loss_fn(model, tokens, mask, old_logprobs, advantages):
-        logprobs, entropy, _ = policy_forward(model, tokens, temperature)  # (B, T-1) x 2
-        loss, metrics = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)
-        return loss, {**metrics, "policy/entropy": masked_mean(entropy, mask)}
+    def loss_fn(model, tokens, mask, old_logprobs, advantages, n_tokens):
+        logprobs, entropy = token_logprobs(model, tokens, temperature)  # (B, T-1) x 2
+        loss, metrics = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, n_tokens)
+        return loss, {**metrics, "policy/entropy": masked(mx.stop_gradient(entropy), mask).sum() / n_tokens}
 
     return loss_fn
 
@@ -252,7 +246,7 @@ def score_rollout(policy, value_head, tokens, chunks, temperature):
     chunk by chunk in the same shapes the first policy epoch will use, so its ratio is exactly 1."""
     logprobs, values, features = [], [], []
     for idx in chunks:
-        lp, _, hidden = policy_forward(policy, tokens[idx], temperature)
+        lp, _, hidden = token_logprobs(policy, tokens[idx], temperature, return_hidden=True)
         logprobs.append(lp)
         values.append(value_head(hidden))
         features.append(hidden)
@@ -260,29 +254,31 @@ def score_rollout(policy, value_head, tokens, chunks, temperature):
     return tuple(mx.concatenate(x, axis=0)[order] for x in (logprobs, values, features))
 
 
-def ppo_step(cfg, session, value_head, reference, update_policy, update_value, kl_coef, step, timer):
+def ppo_step(cfg, session, value_head, update_policy, update_value, kl_coef, step, max_new_tokens):
     """Rollout, rewards, advantages, then epochs of minibatch updates. Returns the step's metrics."""
-    policy, tokenizer, task, rng = session.model, session.tokenizer, session.task, session.rng
+    policy, tokenizer, task, rng, timer = session.model, session.tokenizer, session.task, session.rng, session.timer
+    rows = task.train_rows(np.random.default_rng([int(rng.integers(2**31)), 0]), cfg.rollout_batch, distinct=True)
     with timer("generate"):
-        prompts = task.prompts("train", cfg.rollout_batch, seed=int(rng.integers(2**31)))
-        rollout = generate(policy, tokenizer, prompts, task.max_new_tokens, cfg.temperature, chat_template=cfg.chat_template)
+        rollout = generate(policy, tokenizer, rows, max_new_tokens, cfg.temperature, chat_template=cfg.chat_template)
     with timer("reward"):
-        scores = mx.array([task.reward(p, c) for p, c in zip(rollout.prompts, rollout.texts)])  # (B,)
-        correct = np.array([task.is_correct(p, c) for p, c in zip(rollout.prompts, rollout.texts)])
-        tokens, mask = completion_batch(rollout.prompt_ids, rollout.completion_ids, rollout.mask, tokenizer.pad_token_id or 0)
-        mx.eval(scores, tokens, mask)
+        scored = score_rows(task, rows, rollout.texts)
+        scores = mx.array(scored.total)  # (B,)
+        tokens, mask, sampler_logprobs = completion_batch(rollout.prompt_ids, rollout.completion_ids, rollout.mask,
+                                                          tokenizer.pad_token_id or 0, values=rollout.logprobs)
+        mx.eval(scores, tokens, mask, sampler_logprobs)
     B = tokens.shape[0]
     first_epoch = minibatches(rng, B, cfg.minibatch_size)
-    in_first = set(np.array(mx.concatenate(first_epoch)).tolist())
-    rest = [i for i in range(B) if i not in in_first]  # rows no full minibatch took
+    taken = np.zeros(B, dtype=bool)
+    taken[np.array(mx.concatenate(first_epoch))] = True
+    rest = np.flatnonzero(~taken)  # rows no full minibatch took
     with timer("score"):  # log-probs and values of the rollout before any update: pi_old and V_old
         old_logprobs, old_values, features = score_rollout(
-            policy, value_head, tokens, first_epoch + ([mx.array(rest)] if rest else []), cfg.temperature
-        )
+            policy, value_head, tokens, first_epoch + ([mx.array(rest)] if len(rest) else []), cfg.temperature)
+        old_logprobs = masked(old_logprobs, mask)
         mx.eval(old_logprobs, old_values, features)
     with timer("reference"):
-        ref_logprobs = reference.logprobs(tokens, cfg.temperature) if reference is not None else old_logprobs  # (B, T-1)
-        logr = ref_logprobs - old_logprobs  # (B, T-1) log pi_ref - log pi
+        ref_logprobs = session.reference.logprobs(tokens, cfg.temperature) if cfg.kl_coef > 0 else old_logprobs
+        logr = masked(ref_logprobs - old_logprobs, mask)  # (B, T-1) log pi_ref - log pi
         mx.eval(logr)
     with timer("advantages"):
         kl_per_token = k1(logr)  # (B, T-1)
@@ -297,7 +293,8 @@ def ppo_step(cfg, session, value_head, reference, update_policy, update_value, k
             "value/advantage_std": mx.sqrt(masked_mean((advantages - adv_mean) ** 2, mask)),
             "kl/k3": masked_mean(k3(logr), mask),  # per token
             "kl/k1": masked_mean(kl_per_token, mask),
-            "kl/sequence": (kl_per_token * mask).sum() / B,  # per completion: what --kl-target aims at
+            "kl/sequence": masked(kl_per_token, mask).sum() / B,  # per completion: what --kl-target aims at
+            "policy/sampler_mismatch": masked_mean(mx.abs(sampler_logprobs - old_logprobs), mask),
         }
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask)
@@ -314,114 +311,75 @@ def ppo_step(cfg, session, value_head, reference, update_policy, update_value, k
     if step >= cfg.value_warmup:  # the policy: clipped steps on shuffled minibatches, several epochs
         for epoch in range(cfg.epochs):
             for idx in first_epoch if epoch == 0 else minibatches(rng, B, cfg.minibatch_size):
-                loss, metrics, grad_norm = update_policy(tokens[idx], mask[idx], old_logprobs[idx], advantages[idx], timer=timer)
+                n_tokens = mask[idx].sum()
+                loss, metrics, grad_norm = update_policy(tokens[idx], mask[idx], old_logprobs[idx], advantages[idx], n_tokens)
                 metrics = {k: v.item() for k, v in metrics.items()}
                 ratio_min, ratio_max = min(ratio_min, metrics.pop("policy/ratio_min")), max(ratio_max, metrics.pop("policy/ratio_max"))
                 add({**metrics, "loss/policy": loss.item(), "optim/grad_norm": grad_norm.item()})
-    value_timer = PhaseTimer()  # its forward/backward/optimizer seconds are reported as one phase
-    for _ in range(cfg.value_epochs):  # the critic: regression on cached features, cheap
+    for _ in range(cfg.value_epochs):  # the critic: regression on cached features, cheap (timed as time/value_s)
         for idx in minibatches(rng, B, cfg.minibatch_size):
-            loss, metrics, _ = update_value(features[idx], mask[idx], old_values[idx], returns[idx], timer=value_timer)
+            loss, metrics, _ = update_value(features[idx], mask[idx], old_values[idx], returns[idx])
             add({"loss/value": loss.item(), "value/clipfrac": metrics["value/clipfrac"].item()})
 
     row = {k: v.item() for k, v in stats.items()}
     row.update({k: sums[k] / counts[k] for k in sums})
-    lengths = np.array(rollout.lengths)
     row.update({
-        "reward/mean": float(np.array(scores).mean()),
-        "reward/std": float(np.array(scores).std()),
-        "train/accuracy": float(correct.mean()),
-        "policy/completion_len": float(lengths.mean()),
+        **scored.metrics(),
+        "policy/completion_len": float(np.array(rollout.lengths).mean()),
         "kl/coef": kl_coef,
-        "time/value_s": sum(value_timer.pop().values()),
     })
+    if task.rewards.is_verifier():
+        row["train/accuracy"] = scored.accuracy
     if ratio_min != float("inf"):
         row.update({"policy/ratio_min": ratio_min, "policy/ratio_max": ratio_max})
     return row
 
 
-# --- checkpoints and the loop ------------------------------------------------------
+# --- the run ---------------------------------------------------------------------------
 
 
-def value_head_arrays(value_head, value_opt):
-    """The head's weights and its optimizer state, for RUN/checkpoint/value_head.safetensors."""
-    arrays = dict(tree_flatten(value_head.parameters()))
-    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(value_opt.state)})
-    return arrays
+def value_head_weights(value_head):
+    return dict(tree_flatten(value_head.parameters()))
 
 
-def load_value_head(value_head, value_opt, ckpt):
+def load_value_head(value_head, ckpt):
     path = ckpt / VALUE_HEAD_FILE
     if not path.exists():
         raise MlxRlError(f"cannot resume: {path} is missing (the value head is saved beside the policy)")
-    arrays = mx.load(str(path))
-    prefix = "optimizer."
-    value_head.load_weights([(k, v) for k, v in arrays.items() if not k.startswith(prefix)])
-    value_opt.state = tree_unflatten([(k[len(prefix):], v) for k, v in arrays.items() if k.startswith(prefix)])
+    value_head.load_weights(list(mx.load(str(path)).items()))
 
 
-def run_ppo(cfg):
-    train.resolve_policy_model(cfg)
-    session = train.start("ppo", cfg)
-    policy, tokenizer, task, run = session.model, session.tokenizer, session.task, session.run
+def train(cfg):
+    resolve_policy_model(cfg)
+    session = start("ppo", cfg)
+    policy, task = session.model, session.task
+    N = cfg.max_new_tokens or task.max_new_tokens
     value_head = ValueHead(policy.args.hidden_size)
-    updates = cfg.steps * cfg.epochs * (cfg.rollout_batch // cfg.minibatch_size)
-    policy_updates = max(cfg.steps - cfg.value_warmup, 1) * cfg.epochs * (cfg.rollout_batch // cfg.minibatch_size)
-    policy_opt = train.make_optimizer(cfg.lr, policy_updates, cfg.warmup, schedule=cfg.lr_schedule)
-    value_opt = train.make_optimizer(cfg.value_lr, updates)
-    train.restore(session, policy_opt)
-    if session.trainer_state is not None:
-        load_value_head(value_head, value_opt, find_checkpoint(run.path))
+    if session.checkpoint is not None:
+        load_value_head(value_head, session.checkpoint)
     mx.eval(value_head.parameters())
+    per_step = cfg.epochs * (cfg.rollout_batch // cfg.minibatch_size)
+    policy_opt = session.optimizer(cfg.lr, max(cfg.steps - cfg.value_warmup, 1) * per_step, cfg.warmup,
+                                   schedule=cfg.lr_schedule, name="policy")
+    value_opt = session.optimizer(cfg.value_lr, cfg.steps * per_step, name="value")
+    update_policy = session.update_step(make_policy_loss(cfg.clip_eps, cfg.temperature), policy_opt)
+    value_timer = PhaseTimer()
+    update_value = session.update_step(make_value_loss(cfg.value_clip), value_opt, model=value_head, timer=value_timer)
+    state = {"kl_coef": session.chapter_state.get("kl_coef", cfg.kl_coef)}  # the adaptive controller's, saved
 
-    # The reference is the starting policy (on --resume too); kl_coef 0 never evaluates it.
-    reference = train.starting_reference(session) if cfg.kl_coef > 0 else None
+    def step(i):
+        row = ppo_step(cfg, session, value_head, update_policy, update_value, state["kl_coef"], i, N)
+        row["time/value_s"] = sum(value_timer.pop().values())
+        if cfg.kl_target is not None and cfg.kl_coef > 0:
+            state["kl_coef"] = adapt_kl_coef(state["kl_coef"], row["kl/sequence"], cfg.kl_target, cfg.rollout_batch,
+                                             cfg.kl_horizon)
+        row["optim/lr"] = current_lr(policy_opt)
+        return row
 
-    update_policy = train.make_update(policy, policy_opt, make_policy_loss(cfg.clip_eps, cfg.temperature), cfg.max_grad_norm, cfg.compile)
-    update_value = train.make_update(value_head, value_opt, make_value_loss(cfg.value_clip), cfg.max_grad_norm, cfg.compile)
-
-    heldout = task.prompts("heldout", cfg.eval_prompts, seed=cfg.seed)
-    timer = PhaseTimer()
-    progress = Progress(cfg.steps, session.start_step, every=max(1, cfg.steps // 20), desc="ppo")
-    step = session.start_step
-    kl_coef = (session.trainer_state or {}).get("kl_coef", cfg.kl_coef)
-    state = lambda: {"extra_state": {"kl_coef": kl_coef}, "extra_arrays": {VALUE_HEAD_FILE: value_head_arrays(value_head, value_opt)}}  # noqa: E731
-    metrics = {}
-
-    if step == 0:  # the starting point, so every run shows its own before/after figure
-        with timer("eval"):
-            metrics, samples = train.evaluate(policy, tokenizer, task, heldout, cfg.chat_template)
-        run.log_samples(0, samples)
-        run.log(0, {**metrics, **timer.pop()})
-        start_accuracy = metrics["eval/accuracy"]
-    else:
-        start_accuracy = next((m["eval/accuracy"] for m in run.metrics() if m["step"] == 0 and "eval/accuracy" in m), float("nan"))
-
-    with train.interruptible(session, lambda: (step, policy_opt, state())):
-        while step < cfg.steps:
-            row = ppo_step(cfg, session, value_head, reference, update_policy, update_value, kl_coef, step, timer)
-            step += 1
-            if cfg.kl_target is not None and reference is not None:
-                kl_coef = adapt_kl_coef(kl_coef, row["kl/sequence"], cfg.kl_target, cfg.rollout_batch, cfg.kl_horizon)
-            row["optim/lr"] = train.current_lr(policy_opt)
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                with timer("eval"):
-                    metrics, samples = train.evaluate(policy, tokenizer, task, heldout, cfg.chat_template)
-                row.update(metrics)
-                run.log_samples(step, samples)
-                train.save(session, step, policy_opt, **state())
-            row.update(timer.pop())
-            row["perf/peak_memory_gb"] = train.peak_memory_gb()
-            run.log(step, row)
-            progress.update(step, reward=row["reward/mean"], ev=row["value/explained_variance"], acc=metrics.get("eval/accuracy", float("nan")))
-    progress.close()
-
-    plot_run(run.path)
-    rows = run.metrics()
-    phases = {k: round(sum(r.get(k, 0.0) for r in rows), 2) for k in sorted({k for r in rows for k in r if k.startswith("time/")})}
-    summary = run.write_summary(steps=step, start_accuracy=start_accuracy, **metrics, phase_seconds=phases, checkpoint=str(run.checkpoint_dir))
-    print(f"held-out greedy accuracy {start_accuracy:.1%} -> {metrics['eval/accuracy']:.1%} in {summary['wall_s']:.0f}s  ({run.path})")
-    return summary
+    return loop.run(session, step, steps=cfg.steps, chapter_state=lambda: dict(state),
+                    chapter_arrays=lambda: {VALUE_HEAD_FILE: value_head_weights(value_head)},
+                    signals={"reward": "reward/mean", "held-out acc": "eval/accuracy", "KL": "kl/k3",
+                             "clip": "policy/clipfrac", "explained variance": "value/explained_variance"})
 
 
-cli = command("ppo", PPOConfig, run_ppo, help=__doc__.split("\n\n")[0])
+cli = command("ppo", PPOConfig, train, help=__doc__.split("\n\n")[0])

@@ -25,7 +25,7 @@ forward_backward 128 -> 103 ms, generate 57 -> 45 ms.
 Tried and slower: computing 2^n without `view` (bit-by-bit selects), which
 fuses into one loop but runs 2x slower than the three.
 
-How it is used: `install()` (run by `import mlx_rl` through
+How it is used: `install()` (run by `speed.enable()` through
 `install_when_imported()`, as soon as mlx-lm is imported) replaces the `swiglu`
 function of mlx-lm's model files (mlx_lm.models.activations and every
 architecture module that imported it: qwen3, llama, qwen2, ...), so any

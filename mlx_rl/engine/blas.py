@@ -5,7 +5,7 @@ MLX's Linux CPU wheel links a slow reference BLAS (about 6 GFLOP/s for a
 friends from it, so loading Debian's OpenBLAS into the process *before* MLX,
 with RTLD_GLOBAL, makes the dynamic linker resolve those symbols to OpenBLAS
 instead (about 200-300 GFLOP/s on the same box). This has to happen before the
-first `import mlx`, which is why `mlx_rl/__init__.py` calls `use_openblas()`.
+first `import mlx`, which is why `speed.enable()` runs first where a run starts.
 
 Control it with the environment variable MLX_RL_OPENBLAS:
   unset or "auto"   load OpenBLAS from the usual Debian/Ubuntu paths if present
@@ -37,11 +37,15 @@ def find_openblas():
     return None
 
 
+def disabled_by_user():
+    return os.environ.get("MLX_RL_OPENBLAS", "auto").strip().lower() in ("0", "off", "no", "false")
+
+
 def use_openblas():
     """Load OpenBLAS globally if allowed and available; return its path or None."""
     global loaded_path
     setting = os.environ.get("MLX_RL_OPENBLAS", "auto").strip()
-    if not sys.platform.startswith("linux") or setting.lower() in ("0", "off", "no", "false"):
+    if not sys.platform.startswith("linux") or disabled_by_user():
         return None
     if "mlx.core" in sys.modules:
         return None  # too late: MLX already resolved its BLAS symbols

@@ -1,4 +1,4 @@
-"""Rollouts: sample many completions at once, keeping the exact token ids and their log-probs.
+"""Sampling (rollouts): many completions at once, keeping the exact token ids and their log-probs.
 
 `generate(model, tokenizer, prompts, ...)` samples a completion for every prompt
 in one batch with a KV cache. Prompts of different lengths are left-padded and
@@ -8,7 +8,9 @@ stops at its own EOS or at `max_new_tokens`.
 What it returns is what training needs, and training never re-tokenises text:
   completion_ids (B, N)  the sampled token ids (pad after a row's EOS)
   logprobs       (B, N)  log-prob of each sampled token under the distribution it was
-                         sampled from: logits / temperature, then top-p
+                         sampled from (`logprobs.sampled_distribution`: logits /
+                         temperature, then top-p); the chapters compare it with the
+                         training pass's (`policy/sampler_mismatch`)
   mask           (B, N)  1 for the completion's tokens, EOS included; 0 after it
 The decoded text is for rewards and display only.
 
@@ -40,10 +42,12 @@ import numpy as np
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache, make_prompt_cache
 
+from mlx_rl.engine.logprobs import sampled_distribution
+
 
 @dataclass
 class Rollout:
-    prompts: list  # (B,) prompt text
+    prompts: list  # (B,) the prompts as given: strings or dataset rows
     prompt_ids: list  # (B,) lists of prompt token ids, BOS included
     completion_ids: mx.array  # (B, N) int32, pad after EOS
     logprobs: mx.array  # (B, N) float32, log-prob under the sampling distribution, 0 where mask is 0
@@ -59,16 +63,36 @@ class Rollout:
 def encode_prompts(tokenizer, prompts, chat_template=False):
     """Token ids of each prompt, BOS included (as `mlx_lm generate` encodes them).
 
-    A prompt repeated for a group is encoded once.
+    A prompt is a string, or a dataset row {"prompt": str | messages, "system": ...}.
+    With chat_template (or a row whose prompt is a list of messages) the tokenizer's
+    chat template is applied, with the generation prompt. A prompt repeated for a
+    group is encoded once.
     """
 
-    def encode(p):
-        if chat_template:
-            return list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
-        return tokenizer.encode(p)
+    def key(p):
+        return p if isinstance(p, str) else repr((p.get("system"), p["prompt"]))
 
-    ids = {p: encode(p) for p in dict.fromkeys(prompts)}
-    return [list(ids[p]) for p in prompts]
+    def encode(p):
+        row = {"prompt": p} if isinstance(p, str) else p
+        if chat_template or not isinstance(row["prompt"], str):
+            messages = row["prompt"] if not isinstance(row["prompt"], str) else [{"role": "user", "content": row["prompt"]}]
+            if row.get("system"):
+                messages = [{"role": "system", "content": row["system"]}] + list(messages)
+            return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        text = row["prompt"] if not row.get("system") else row["system"] + "\n" + row["prompt"]
+        return tokenizer.encode(text)
+
+    ids = {}
+    for p in prompts:
+        k = key(p)
+        if k not in ids:
+            ids[k] = encode(p)
+    return [list(ids[key(p)]) for p in prompts]
+
+
+def prompt_text(p):
+    """A prompt as text, for display and for rewards."""
+    return p if isinstance(p, str) else p["prompt"]
 
 
 class PaddedKVCache:
@@ -139,28 +163,6 @@ def repeat_cache_rows(caches, rows):
             c.filter(mx.array(rows))  # mlx-lm's batched caches: indexes every per-row array
 
 
-def top_p_filter(logprobs, top_p):
-    """Keep the smallest set of tokens whose probability reaches top_p; renormalise. (B, V) -> (B, V)"""
-    order = mx.argsort(-logprobs, axis=-1)
-    sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
-    cumulative = mx.cumsum(mx.exp(sorted_lp), axis=-1)
-    keep_sorted = (cumulative - mx.exp(sorted_lp)) < top_p  # always keeps the most likely token
-    keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
-    filtered = mx.where(keep, logprobs, -mx.inf)
-    return filtered - mx.logsumexp(filtered, axis=-1, keepdims=True)
-
-
-def sampling_logprobs(logits, temperature, top_p=1.0):
-    """Log-probs of the distribution we sample from. (B, V) -> (B, V)"""
-    logits = logits.astype(mx.float32)
-    if temperature > 0:
-        logits = logits / temperature
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    if top_p < 1.0 and temperature > 0:
-        logprobs = top_p_filter(logprobs, top_p)
-    return logprobs
-
-
 def left_pad(rows, pad_id):
     """Lists of ids -> (B, L) int32 array, left-padded, and the padding per row."""
     longest = max(len(r) for r in rows)
@@ -186,7 +188,8 @@ def distinct_rows(prompt_ids):
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, chat_template=False, prompt_ids=None):
     """Sample one completion per prompt (repeat prompts for groups). Returns a Rollout.
 
-    prompt_ids, if given, are used as they are (then `prompts` may be None and is decoded for display).
+    prompts: strings or dataset rows (see encode_prompts). prompt_ids, if given, are
+    used as they are (then `prompts` may be None and is decoded for display).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -210,7 +213,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
     finished = mx.zeros((B,), dtype=mx.bool_)
     out_tokens, out_logprobs, out_mask = [], [], []
     for step in range(max_new_tokens):
-        logprobs = sampling_logprobs(logits, temperature, top_p)  # (B, V)
+        logprobs = sampled_distribution(logits, temperature, top_p)  # (B, V)
         if temperature > 0:
             token = mx.random.categorical(logprobs, axis=-1)  # (B,)
         else:

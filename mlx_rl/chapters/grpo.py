@@ -1,0 +1,206 @@
+"""Chapter "GRPO": reinforcement learning with a verifiable reward and group-relative advantages.
+
+What it teaches: the pretrained model imitated a corpus with a systematic
+mistake, so its greedy answers plateau. GRPO (Group Relative Policy
+Optimization) samples a *group* of completions for each prompt, scores them
+with the task's reward, and pushes up the log-probs of the completions that
+did better than their group and down those that did worse. No value network:
+the group's mean reward is the baseline.
+
+For prompt q with group {o_1..o_G}, rewards r_i, and the policy pi_old that sampled them:
+
+    A_i    = (r_i - mean(r)) / std(r)                            (group-relative advantage)
+    rho_it = pi(o_it | q, o_<t) / pi_old(o_it | q, o_<t)         (importance ratio, per token)
+    J      = mean_i mean_t [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - kl_coef KL_it ]
+    KL_it  = exp(log r) - log r - 1,  log r = log pi_ref(o_it) - log pi(o_it)    ("k3")
+
+and we minimise -J for a few epochs on the same batch. Sources:
+Shao et al. 2024, "DeepSeekMath" (GRPO, eq. 3 and the k3 estimator of eq. 4);
+Schulman et al. 2017, "Proximal Policy Optimization" (the clipped objective).
+The fixes that followed GRPO (Dr. GRPO, DAPO, GSPO, CISPO, RLOO) are
+`--variant`s, each a named choice of the small functions below: see
+grpo_family.py and docs/grpo-family.md.
+
+Choices and simplifications, on purpose:
+- Zero-signal groups (every completion got the same reward) have advantage
+  exactly 0 (masked to 0, since r - mean(r) is not always exactly 0 in floating
+  point). They stay in the batch (fixed shapes: no retracing) but push nothing;
+  their share is logged as grpo/zero_signal_frac. When *every* group of a step
+  is zero-signal the step takes no optimizer update at all (grpo/skipped = 1):
+  an Adam step would only replay momentum.
+- The "old" log-probs come from the first epoch's own forward pass with the
+  gradient stopped: the same numbers bit for bit, so the first ratio is exactly
+  1 (a test asserts it), and no extra pass. The sampler's log-probs of the same
+  tokens are compared with them every step (policy/sampler_mismatch): a sampler
+  and a trainer that disagree (another temperature, a wrong mask) show up there.
+- Each epoch is one full-batch step (no minibatches); the temperature-scaled
+  distribution is the policy being optimised (the one the rollout sampled
+  from); the reference is the starting checkpoint, and with kl_coef = 0 it is
+  never built.
+"""
+
+import dataclasses
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_rl.config import command, option
+from mlx_rl.chapters import grpo_family as family
+from mlx_rl.engine import loop
+from mlx_rl.engine.evaluate import score_rows
+from mlx_rl.engine.logprobs import completion_batch, masked, token_logprobs
+from mlx_rl.engine.sampling import generate
+from mlx_rl.engine.session import LLMConfig, resolve_policy_model, start
+from mlx_rl.engine.update import current_lr
+
+
+@dataclasses.dataclass
+class GRPOConfig(LLMConfig, family.VariantConfig):
+    steps: int = option(60, "number of GRPO steps (one rollout batch each)", min=1, resumable=True)
+    group_size: int = option(8, "completions sampled per prompt (G)", min=2)
+    prompts_per_step: int = option(32, "prompts per step (the batch is prompts_per_step x group_size)", min=1)
+    epochs: int = option(2, "update passes over each rollout batch (GRPO's mu)", min=1, aliases=("inner_iters",))
+    kl_coef: float = option(0.04, "weight of the k3 KL penalty to the frozen reference (0: no reference is computed)",
+                            min=0.0, aliases=("beta",))
+    lr: float = option(1e-4, "learning rate (AdamW); a fresh Adam above ~5e-4 can wreck the checkpoint", above=0.0,
+                       resumable=True)
+    warmup: int = option(0, "linear learning-rate warm-up steps", min=0)
+    temperature: float = option(1.0, "sampling temperature of the rollouts (and of the optimised distribution)", above=0.0)
+    max_new_tokens: int = option(0, "longest completion (0: the task's answer length + EOS; 64 with --data)", min=0)
+    eval_every: int = option(10, "evaluate held-out greedy accuracy every N steps (0: only at the start and the end)",
+                             min=0, resumable=True)
+
+
+# --- the step --------------------------------------------------------------------
+
+
+def make_loss_fn(cfg, variant):
+    """loss_fn(model, *arrays) for the update step: the forward pass, then the variant's loss."""
+
+    def loss_fn(model, tokens, mask, advantages, old_logprobs, ref_logprobs, first, n_rows, n_tokens, shared_len=0):
+        # shared_len: the group's rows share their first shared_len tokens (the prompt), run once per group
+        logprobs, entropy = token_logprobs(model, tokens, cfg.temperature, cfg.group_size, shared_len)  # (B, T-1) x 2
+        logprobs = masked(logprobs, mask)
+        # At the first epoch the old policy is the current one: the same numbers, no gradient.
+        old_logprobs = mx.stop_gradient(mx.where(first, logprobs, old_logprobs))
+        loss, metrics = variant.loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cfg.kl_coef, n_rows, n_tokens)
+        metrics["policy/entropy"] = masked(mx.stop_gradient(entropy), mask).sum() / n_tokens
+        metrics["logprobs"] = mx.stop_gradient(logprobs)  # (B, T-1): the old log-probs of later epochs
+        return loss, metrics
+
+    return loss_fn
+
+
+def pad_columns(x, n, value=0):
+    """Right-pad a (B, N) array to (B, n), so every step has the same shapes (no retracing)."""
+    x = np.asarray(x)
+    return np.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=value)
+
+
+def rollout_batch(session, rows, cfg, max_new_tokens):
+    """Sample a group per prompt, score it. Returns (rollout, group rows, rewards (P, G) Scores)."""
+    G = cfg.group_size
+    group_rows = [r for r in rows for _ in range(G)]  # (P*G,) each prompt G times, groups adjacent
+    with session.timer("generate"):
+        rollout = generate(session.model, session.tokenizer, group_rows, max_new_tokens, cfg.temperature,
+                           chat_template=cfg.chat_template)
+    with session.timer("reward"):
+        scores = score_rows(session.task, group_rows, rollout.texts)
+    return rollout, group_rows, scores
+
+
+def grpo_step(session, cfg, variant, update, max_new_tokens):
+    """One GRPO step: rollout, rewards, advantages, epochs of updates. Returns the step's metrics."""
+    world, timer, task = session.world, session.timer, session.task
+    G, N = cfg.group_size, max_new_tokens
+    pad_id = session.tokenizer.pad_token_id or 0
+    # Every rank draws the global batch of prompts (one RNG stream, as one process would) and keeps whole groups.
+    rows = world.shard(family.draw_prompts(session, cfg, variant))
+    rollout, group_rows, scores = rollout_batch(session, rows, cfg, N)
+    rollout, group_rows, scores, refill_stats = family.refill(session, cfg, variant, rollout, group_rows, scores, N)  # DAPO
+    with timer("reward"):
+        rewards = scores.total.reshape(-1, G)  # (P, G) this rank's groups
+        rewards = rewards + variant.overlong_penalty(np.asarray(rollout.lengths), N).reshape(-1, G)
+        advantages, zero_signal = variant.advantages(rewards)
+        tokens, mask, sampler_logprobs = completion_batch(  # (B, T), (B, T-1) x 2 with T fixed by N
+            rollout.prompt_ids, pad_columns(rollout.completion_ids, N, pad_id), pad_columns(rollout.mask, N), pad_id,
+            values=pad_columns(rollout.logprobs, N))
+        advantages = mx.array(advantages.reshape(-1).astype(np.float32))  # (B,)
+        shared_len = min(len(p) for p in rollout.prompt_ids)  # every row's prompt is its group's prompt
+        n_rows = mx.array(float(world.sum(np.array([mask.shape[0]]))[0]))  # global counts: each rank's loss is a share
+        n_tokens = mx.array(float(world.sum(np.array([mask.sum().item()]))[0]))
+        mx.eval(tokens, mask, advantages, sampler_logprobs)
+
+    all_rewards, all_zero = world.gather(rewards), world.gather(zero_signal)  # global figures, as one process has them
+    lengths = world.gather(np.asarray(rollout.lengths))
+    row = {
+        "reward/mean": float(all_rewards.mean()),
+        "reward/std": float(all_rewards.std()),
+        "grpo/group_reward_std": float(all_rewards.std(axis=1).mean()),  # the spread the advantages see
+        "policy/completion_len": float(lengths.mean()),
+        "grpo/zero_signal_frac": float(all_zero.mean()),
+        "grpo/skipped": float(all_zero.all()),
+        **refill_stats,
+    }
+    for name in scores.names:
+        values = world.gather(scores.per_reward[name])
+        row[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    if task.rewards.is_verifier():
+        row["train/accuracy"] = row[f"reward/{scores.names[0]}"]
+    samples = [
+        {"split": "train", "prompt": r["prompt"], "completion": c, "reward": float(x), "advantage": float(a)}
+        for r, c, x, a in list(zip(group_rows, rollout.texts, rewards.reshape(-1), np.array(advantages)))[:G]
+    ]
+    if all_zero.all():  # no group says which way is better: take no step on noise
+        return row, samples
+
+    ref_logprobs = mx.zeros(mask.shape)
+    if cfg.kl_coef > 0:
+        with timer("reference"):
+            ref_logprobs = session.reference.logprobs(tokens, cfg.temperature)  # (B, T-1), no gradient
+            mx.eval(ref_logprobs)
+
+    old_logprobs, per_epoch = mx.zeros(mask.shape), []
+    for epoch in range(cfg.epochs):
+        loss, metrics, grad_norm = update(tokens, mask, advantages, old_logprobs, ref_logprobs, mx.array(epoch == 0),
+                                          n_rows, n_tokens, shared_len)
+        if epoch == 0:
+            old_logprobs = metrics["logprobs"]  # log pi_old: the policy that sampled, before any update
+            mismatch = mx.abs(masked(sampler_logprobs - old_logprobs, mask)).sum() / n_tokens
+            metrics["policy/sampler_mismatch"] = mismatch
+        values = {k: v.item() for k, v in metrics.items() if k != "logprobs"}
+        per_epoch.append(world.reduce_metrics(values) | {"optim/grad_norm": grad_norm.item(), "loss/total": loss.item()})
+
+    # One figure per step: the mean over epochs, the extremes for ratio_min / ratio_max.
+    for k in per_epoch[0]:
+        values = [m[k] for m in per_epoch if k in m]
+        row[k] = min(values) if k.endswith("_min") else max(values) if k.endswith("_max") else float(np.mean(values))
+    return row, samples
+
+
+# --- the run -----------------------------------------------------------------------
+
+
+def train(cfg):
+    resolve_policy_model(cfg)
+    session = start("grpo", cfg)
+    N = cfg.max_new_tokens or session.task.max_new_tokens
+    variant = family.make_variant(cfg, N)
+    if cfg.max_new_tokens and cfg.max_new_tokens < session.task.max_new_tokens and not cfg.data:
+        print(f"note: --max-new-tokens {cfg.max_new_tokens} is shorter than the task's answer ({session.task.max_new_tokens})")
+    optimizer = session.optimizer(cfg.lr, cfg.steps, cfg.warmup)
+    update = session.update_step(make_loss_fn(cfg, variant), optimizer)
+
+    def step(i):
+        row, samples = grpo_step(session, cfg, variant, update, N)
+        row["optim/lr"] = current_lr(optimizer)
+        if cfg.eval_every and (i + 1) % cfg.eval_every == 0:
+            session.run.log_samples(i + 1, samples)
+        return row
+
+    return loop.run(session, step, steps=cfg.steps, details=family.pass_at_k_details(session, cfg),
+                    signals={"reward": "reward/mean", "held-out acc": "eval/accuracy", "KL": "kl/k3",
+                             "clip": "policy/clipfrac", "entropy": "policy/entropy"})
+
+
+cli = command("grpo", GRPOConfig, train, help=__doc__.split("\n\n")[0])

@@ -1,0 +1,382 @@
+"""Chapter "GRPO's family": the fixes that followed GRPO, each a small function, chosen with `mlx-rl grpo --variant`.
+
+What it teaches: GRPO's loss is a pipeline of five choices, and each paper
+since DeepSeekMath changed one or two of them to fix one problem:
+
+    advantages  how a completion's reward becomes its advantage
+    ratio       the importance ratio pi / pi_old: per token, or per sequence
+    objective   what the ratio does: PPO's clipped min, or a clipped weight on log pi
+    aggregate   how per-token terms are averaged into one number
+    filter      which groups the batch keeps (and an overlong penalty on the reward)
+
+A variant is a named choice of parts, not a branch inside one long loss:
+
+    variant   advantages         ratio     objective                aggregate          filter
+    grpo      (r - mean) / std   token     clip(1 - e, 1 + e)       per sequence       -
+    dr_grpo   r - mean           token     clip(1 - e, 1 + e)       constant (B x L)   -
+    dapo      (r - mean) / std   token     clip(1 - e, 1 + e_high)  per token          dynamic sampling, overlong penalty
+    gspo      (r - mean) / std   sequence  clip per sequence        per sequence       -
+    cispo     (r - mean) / std   token     sg(clip(rho)) A log pi   per token          -
+    rloo      r - mean of others token     clip(1 - e, 1 + e)       per sequence       -
+
+Each part's option can be set on its own (`--clip-eps-high 0.28 --loss-agg token`
+on top of `--variant grpo`); an unset option takes the variant's choice.
+
+Papers: Shao et al. 2024 (GRPO); Liu et al. 2025, "Understanding R1-Zero-Like
+Training" (Dr. GRPO); Yu et al. 2025, "DAPO"; Zheng et al. 2025, "Group
+Sequence Policy Optimization" (GSPO); MiniMax 2025, "MiniMax-M1" (CISPO);
+Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style
+Optimization" (RLOO); Yue et al. 2025, "Does Reinforcement Learning Really
+Incentivize Reasoning Capacity in LLMs Beyond the Base Model?" (pass@k).
+"""
+
+import dataclasses
+import typing
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_rl.config import MlxRlError, option
+from mlx_rl.data.rewards import Scores
+from mlx_rl.engine.evaluate import evaluate_pass_at_k
+from mlx_rl.engine.logprobs import masked
+from mlx_rl.chapters.kl import k3  # (r - 1) - log r: per-token estimate of KL(policy || reference), never negative
+
+
+@dataclasses.dataclass
+class VariantConfig:
+    variant: str = option("grpo", "the loss: grpo, dr_grpo, dapo, gspo, cispo or rloo (docs/grpo-family.md)",
+                          choices=["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo"])
+    clip_eps: typing.Optional[float] = option(None, "lower clip: the ratio may fall to 1 - eps (default: the variant's; "
+                                              "0.2, GSPO 3e-4)", above=0.0)
+    clip_eps_high: typing.Optional[float] = option(None, "upper clip: the ratio may rise to 1 + eps_high (default: "
+                                                   "the variant's; 0.2, DAPO and CISPO 0.28, GSPO 4e-4)", above=0.0)
+    scale_std: typing.Optional[bool] = option(None, "divide advantages by the group's reward std (default: the "
+                                              "variant's; off in Dr. GRPO and RLOO)")
+    loss_agg: typing.Optional[str] = option(None, "average per-token terms per sequence, over all tokens, or over a "
+                                            "constant B x max-new-tokens (default: the variant's)",
+                                            choices=["sequence", "token", "constant"])
+    dynamic_sampling: typing.Optional[bool] = option(None, "refill the batch with groups that carry signal (default: "
+                                                     "on in DAPO)")
+    overlong_buffer: typing.Optional[int] = option(None, "soft overlong penalty over the last N tokens before "
+                                                   "--max-new-tokens (default: DAPO a quarter of it, others 0)", min=0)
+    pass_k: typing.Tuple[str, ...] = option(("1", "8"), "pass@k at the start and end of the run, k comma-separated "
+                                            "(sampled at temperature 1; empty: skip)")
+    pass_k_prompts: int = option(200, "held-out prompts for pass@k", min=1)
+
+
+# --- advantages: rewards (P, G) -> advantages (P, G), zero_signal (P,) ----------------------------
+
+
+def group_advantages(rewards, scale_std=True, eps=1e-4):
+    """GRPO: A_i = (r_i - mean(r)) / (std(r) + eps), over each prompt's group.
+
+    A group whose rewards are all equal carries no signal: its advantages are exactly 0.
+    Dr. GRPO (scale_std=False) drops the division: it up-weights groups that are nearly
+    all right or all wrong, a bias toward easy and hopeless prompts.
+    """
+    rewards = np.asarray(rewards, dtype=np.float32)
+    zero_signal = rewards.max(axis=1) == rewards.min(axis=1)  # (P,)
+    advantages = rewards - rewards.mean(axis=1, keepdims=True)  # (P, G)
+    if scale_std:
+        advantages = advantages / (rewards.std(axis=1, keepdims=True) + eps)
+    advantages[zero_signal] = 0.0
+    return advantages, zero_signal
+
+
+def rloo_advantages(rewards):
+    """RLOO: A_i = r_i - mean_{j != i} r_j, the leave-one-out baseline (it never includes r_i itself,
+    so it is an unbiased baseline): equals G / (G - 1) x (r_i - mean(r))."""
+    rewards = np.asarray(rewards, dtype=np.float32)
+    G = rewards.shape[1]
+    zero_signal = rewards.max(axis=1) == rewards.min(axis=1)
+    others = (rewards.sum(axis=1, keepdims=True) - rewards) / (G - 1)  # (P, G)
+    advantages = rewards - others
+    advantages[zero_signal] = 0.0
+    return advantages, zero_signal
+
+
+# --- ratios: (B, T) log-probs -> (B, T) ratios -----------------------------------------------------
+
+
+def token_ratio(logprobs, old_logprobs, mask):
+    """rho_it = pi(o_it) / pi_old(o_it): one importance ratio per token (PPO, GRPO)."""
+    return mx.exp(logprobs - old_logprobs)
+
+
+def sequence_ratio(logprobs, old_logprobs, mask):
+    """GSPO: s_i = (pi(o_i) / pi_old(o_i))^(1 / |o_i|) = exp(mean_t log rho_it), one ratio per sequence.
+
+    A per-token ratio is a one-sample importance weight for a distribution that
+    changes token by token, so its noise grows with length and single tokens get
+    clipped for no reason; the sequence's geometric mean is a ratio of what the
+    reward was given for: the whole completion. Broadcast to (B, T).
+    """
+    n = mx.maximum(mask.sum(axis=1, keepdims=True), 1.0)  # (B, 1)
+    mean_logratio = (logprobs - old_logprobs).sum(axis=1, keepdims=True) / n  # (B, 1): the inputs are masked already
+    return mx.broadcast_to(mx.exp(mean_logratio), logprobs.shape)
+
+
+# --- objectives: per-token terms to maximise, and which tokens the clip touched ----------------------
+
+
+def clipped_objective(ratio, advantages, logprobs, eps_low, eps_high):
+    """PPO's pessimistic bound: min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A).
+
+    DAPO's "clip-higher" (eps_high > eps_low) lets unlikely tokens that did well grow
+    faster, which keeps entropy from collapsing. Returns (terms (B, T), clipped (B, T)).
+    """
+    adv = advantages[:, None]  # (B, 1): every token of a completion shares its advantage
+    terms = mx.minimum(ratio * adv, mx.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
+    # The clip is active where it removes the gradient: ratio past the edge in the advantage's direction.
+    clipped = ((ratio > 1.0 + eps_high) & (adv > 0)) | ((ratio < 1.0 - eps_low) & (adv < 0))
+    return terms, clipped
+
+
+def cispo_objective(ratio, advantages, logprobs, eps_low, eps_high):
+    """CISPO: sg(clip(rho, 1 - eps_low, 1 + eps_high)) A log pi.
+
+    PPO's clip *drops* a token's gradient once its ratio leaves the range, and the
+    rare tokens that open a new line of reasoning are exactly the ones that do. CISPO
+    clips the importance weight instead and keeps every token's gradient, A d log pi,
+    scaled by the (stopped) weight. (Only the upper bound is tuned in the paper; the
+    lower defaults to no bound here: eps_low is ignored unless it is below 1.)
+    """
+    lower = 1.0 - eps_low if eps_low < 1.0 else 0.0
+    weight = mx.stop_gradient(mx.clip(ratio, lower, 1.0 + eps_high))  # (B, T)
+    terms = weight * advantages[:, None] * logprobs
+    clipped = (ratio > 1.0 + eps_high) | (ratio < lower)  # where the weight was cut (the gradient stays)
+    return terms, clipped
+
+
+# --- aggregation: per-token terms (B, T) -> one number, as a share of the global batch ---------------
+# n_rows and n_tokens are the global batch's counts, so that in a data-parallel run each
+# rank's loss is its share and the shares add up to the single-process loss.
+
+
+def sequence_mean(terms, mask, n_rows, n_tokens, length):
+    """Mean over each sequence's tokens, then over sequences (GRPO): long completions weigh no more than short."""
+    return (masked(terms, mask).sum(axis=1) / mx.maximum(mask.sum(axis=1), 1.0)).sum() / n_rows
+
+
+def token_mean(terms, mask, n_rows, n_tokens, length):
+    """Mean over every completion token of the batch (DAPO): a long completion's tokens count as much as a short's."""
+    return masked(terms, mask).sum() / n_tokens
+
+
+def constant_mean(terms, mask, n_rows, n_tokens, length):
+    """Sum over tokens divided by a constant B x L (Dr. GRPO): no length normalisation at all, so a wrong
+    answer is not rewarded for being long (the per-sequence mean divides its penalty by its length)."""
+    return masked(terms, mask).sum() / (n_rows * length)
+
+
+AGGREGATE = {"sequence": sequence_mean, "token": token_mean, "constant": constant_mean}
+
+
+# --- batch filter and reward shaping -------------------------------------------------------------------
+
+
+def overlong_penalty(lengths, max_len, buffer):
+    """DAPO's soft overlong punishment: 0 up to max_len - buffer tokens, then falling linearly to -1 at max_len.
+    (A completion cut at the limit is only a truncated answer: a hard -1 for it would punish good reasoning.)"""
+    lengths = np.asarray(lengths, dtype=np.float32)
+    if buffer <= 0:
+        return np.zeros_like(lengths)
+    return np.clip((max_len - buffer - lengths) / buffer, -1.0, 0.0)
+
+
+# --- a variant: a named choice of the parts above -----------------------------------------------------
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    advantage_fn: typing.Callable
+    ratio_fn: typing.Callable
+    objective_fn: typing.Callable
+    loss_agg: str
+    eps_low: float
+    eps_high: float
+    scale_std: bool
+    dynamic_sampling: bool
+    overlong_buffer: int
+    length: int  # the constant aggregation's L (max new tokens)
+
+    def advantages(self, rewards):
+        if self.advantage_fn is group_advantages:
+            return group_advantages(rewards, self.scale_std)
+        return self.advantage_fn(rewards)
+
+    def overlong_penalty(self, lengths, max_len):
+        return overlong_penalty(lengths, max_len, self.overlong_buffer)
+
+    def loss(self, logprobs, old_logprobs, ref_logprobs, advantages, mask, kl_coef, n_rows, n_tokens):
+        """-J and its metrics. Per-token arrays (B, T) (masked already), advantages (B,), counts global."""
+        aggregate = AGGREGATE[self.loss_agg]
+        ratio = self.ratio_fn(logprobs, old_logprobs, mask)  # (B, T)
+        terms, clipped = self.objective_fn(ratio, advantages, logprobs, self.eps_low, self.eps_high)
+        policy_loss = -aggregate(terms, mask, n_rows, n_tokens, self.length)
+        loss, metrics = policy_loss, {"loss/policy": policy_loss}
+        if kl_coef > 0:  # with kl_coef = 0 the reference log-probs are never looked at
+            kl = aggregate(k3(masked(ref_logprobs - logprobs, mask)), mask, n_rows, n_tokens, self.length)
+            loss = policy_loss + kl_coef * kl
+            metrics.update({"loss/kl": kl_coef * kl, "kl/k3": kl})
+        token_share = lambda x: masked(x, mask).sum() / n_tokens  # noqa: E731  a share of the global token mean
+        metrics.update({
+            "policy/clipfrac": token_share(clipped.astype(mx.float32)),
+            "policy/ratio_mean": token_share(ratio),
+            "policy/ratio_min": mx.where(mask > 0, ratio, mx.inf).min(),
+            "policy/ratio_max": mx.where(mask > 0, ratio, -mx.inf).max(),
+            "kl/approx": token_share(approx_kl(logprobs, old_logprobs)),
+        })
+        return loss, metrics
+
+
+def approx_kl(logprobs, old_logprobs):
+    """kl/approx in every chapter: k3(log pi - log pi_old) on the rollout's tokens, which pi_old sampled,
+    so it estimates KL(pi_old || pi): how far this update has moved the policy from the one that sampled."""
+    return k3(logprobs - old_logprobs)
+
+
+VARIANTS = {  # name: (advantages, ratio, objective, loss_agg, eps_low, eps_high, scale_std, dynamic sampling, overlong)
+    "grpo": (group_advantages, token_ratio, clipped_objective, "sequence", 0.2, 0.2, True, False, 0.0),
+    "dr_grpo": (group_advantages, token_ratio, clipped_objective, "constant", 0.2, 0.2, False, False, 0.0),
+    "dapo": (group_advantages, token_ratio, clipped_objective, "token", 0.2, 0.28, True, True, 0.25),
+    "gspo": (group_advantages, sequence_ratio, clipped_objective, "sequence", 3e-4, 4e-4, True, False, 0.0),
+    "cispo": (group_advantages, token_ratio, cispo_objective, "token", 1.0, 0.28, True, False, 0.0),
+    "rloo": (rloo_advantages, token_ratio, clipped_objective, "sequence", 0.2, 0.2, False, False, 0.0),
+}
+
+
+def make_variant(cfg, max_new_tokens=None):
+    if cfg.variant not in VARIANTS:
+        raise MlxRlError(f"unknown --variant {cfg.variant} (choose from {', '.join(VARIANTS)})")
+    adv, ratio, objective, agg, eps_low, eps_high, scale_std, dynamic, overlong = VARIANTS[cfg.variant]
+    length = max_new_tokens or cfg.max_new_tokens or 1
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return Variant(
+        name=cfg.variant, advantage_fn=adv, ratio_fn=ratio, objective_fn=objective,
+        loss_agg=pick(cfg.loss_agg, agg), eps_low=pick(cfg.clip_eps, eps_low),
+        eps_high=pick(cfg.clip_eps_high, pick(cfg.clip_eps, eps_high) if cfg.variant in ("grpo", "dr_grpo", "rloo") else eps_high),
+        scale_std=pick(cfg.scale_std, scale_std), dynamic_sampling=pick(cfg.dynamic_sampling, dynamic),
+        overlong_buffer=pick(cfg.overlong_buffer, int(round(overlong * length))), length=length)
+
+
+# --- the parts of the step that differ by variant --------------------------------------------------------
+
+
+def draw_prompts(session, cfg, variant):
+    """The step's prompts, drawn from the run's numpy RNG (saved for --resume); repeats allowed."""
+    return session.task.train_rows(session.rng, cfg.prompts_per_step)
+
+
+def refill(session, cfg, variant, rollout, group_rows, scores, max_new_tokens, max_rounds=8):
+    """DAPO's dynamic sampling: replace zero-signal groups with fresh ones that carry signal.
+
+    Keeps the batch size (P groups); never trains on a zero-signal group. Fresh prompts
+    come from a generator of their own (seeded by seed, step and rank), so the run's
+    main data stream, and every rank's, stays where it would be without refills. If
+    after max_rounds rounds some slots are still empty, groups that carry signal are
+    repeated (counted in dapo/repeated_groups); a step where none does is skipped.
+    """
+    if not variant.dynamic_sampling:
+        return rollout, group_rows, scores, {}
+    from mlx_rl.chapters.grpo import rollout_batch
+
+    G = cfg.group_size
+    P = len(group_rows) // G
+    rng = np.random.default_rng([cfg.seed, session.step, session.world.rank, 7])
+    parts = [(rollout, group_rows, scores)]
+    keep = [signal_groups(scores, G, rollout, variant, max_new_tokens)]
+    rounds = 0
+    while sum(len(k) for k in keep) < P and rounds < max_rounds:
+        fresh = session.task.train_rows(rng, P)
+        r, rows, s = rollout_batch(session, fresh, cfg, max_new_tokens)
+        parts.append((r, rows, s))
+        keep.append(signal_groups(s, G, r, variant, max_new_tokens))
+        rounds += 1
+    chosen = [(j, g) for j, groups in enumerate(keep) for g in groups][:P]
+    repeated = 0
+    if chosen:
+        while len(chosen) < P:
+            chosen.append(chosen[repeated % len(chosen)])
+            repeated += 1
+    else:
+        chosen = [(0, g) for g in range(P)]  # nothing carries signal: the step will take no update
+    stats = {"dapo/refill_rounds": rounds, "dapo/repeated_groups": repeated}
+    return (*merge_groups(parts, chosen, G, session.tokenizer), stats)
+
+
+def signal_groups(scores, G, rollout, variant, max_new_tokens):
+    rewards = scores.total.reshape(-1, G) + variant.overlong_penalty(np.asarray(rollout.lengths), max_new_tokens).reshape(-1, G)
+    return [g for g in range(rewards.shape[0]) if rewards[g].max() > rewards[g].min()]
+
+
+def merge_groups(parts, chosen, G, tokenizer):
+    """One rollout of the chosen (part, group) pairs, with their rows and scores."""
+    from mlx_rl.engine.sampling import Rollout
+
+    rows_idx = [(j, g * G + k) for j, g in chosen for k in range(G)]
+    N = max(p[0].completion_ids.shape[1] for p in parts)
+    pad = tokenizer.pad_token_id or 0
+
+    def column(get, fill=0):
+        out = []
+        for j, i in rows_idx:
+            x = np.array(get(parts[j][0]))[i]
+            out.append(np.pad(x, (0, N - x.shape[0]), constant_values=fill))
+        return mx.array(np.stack(out))
+
+    rollout = Rollout(
+        prompts=[parts[j][0].prompts[i] for j, i in rows_idx],
+        prompt_ids=[parts[j][0].prompt_ids[i] for j, i in rows_idx],
+        completion_ids=column(lambda r: r.completion_ids, pad).astype(mx.int32),
+        logprobs=column(lambda r: r.logprobs),
+        mask=column(lambda r: r.mask),
+        finish_reasons=[parts[j][0].finish_reasons[i] for j, i in rows_idx],
+        texts=[parts[j][0].texts[i] for j, i in rows_idx],
+    )
+    group_rows = [parts[j][1][i] for j, i in rows_idx]
+    first = parts[0][2]
+    total = np.array([parts[j][2].total[i] for j, i in rows_idx], dtype=np.float32)
+    per_reward = {n: np.array([parts[j][2].per_reward[n][i] for j, i in rows_idx]) for n in first.names}
+    none_rows = int(sum(np.isnan(v).all() for v in zip(*per_reward.values())))
+    return rollout, group_rows, Scores(total, per_reward, first.names, first.weights, none_rows)
+
+
+def parse_ks(values):
+    ks = []
+    for v in values:
+        for part in str(v).split(","):
+            if part.strip():
+                try:
+                    k = int(part)
+                except ValueError:
+                    raise MlxRlError(f"--pass-k: {part!r} is not a whole number") from None
+                if k < 1:
+                    raise MlxRlError(f"--pass-k: k must be at least 1, got {k}")
+                ks.append(k)
+    return sorted(set(ks))
+
+
+def pass_at_k_details(session, cfg):
+    """pass@k of the starting policy (now) and of the final one (at the end), for summary.json."""
+    ks = parse_ks(cfg.pass_k)
+    if not ks or not session.task.rewards.is_verifier():
+        return None
+    rows = session.task.heldout_rows(cfg.pass_k_prompts, seed=cfg.seed + 1)
+
+    def measure():
+        with session.timer("eval"):
+            return evaluate_pass_at_k(session.model, session.tokenizer, session.task, rows, ks,
+                                      chat_template=cfg.chat_template, world=session.world)
+
+    start = session.chapter_state.get("pass_at_k_start") if session.start_step else None
+    if start is None:
+        start = measure()
+    session.keep_state["pass_at_k_start"] = start  # saved with every checkpoint: --resume reports the same start
+
+    def details():
+        return {"pass_at_k": {"start": start, "end": measure(), "prompts": len(rows)}}
+
+    return details

@@ -1,0 +1,144 @@
+"""Data-parallel training on MLX's own distributed engine (`mx.distributed`, started by `mlx.launch`).
+
+A run started under the launcher (`mlx.launch -n 2 -- mlx-rl grpo ...`) is
+data-parallel with no other change to its command line. Every rank holds the
+whole model; the global batch is the one a single process would use, split in
+contiguous blocks (`World.shard`): rank r takes rows [r*B/W, (r+1)*B/W). Each
+rank samples and scores its rows, computes gradients of its share of the loss,
+and the gradients are summed across ranks (`World.sum_tree`): each chapter
+writes its loss as a sum over the global batch divided by global counts, so
+the summed gradient is exactly the single-process one. Metrics and held-out
+evaluations are reduced the same way, so the log shows global figures. Only
+rank 0 writes the run directory.
+
+Outside the launcher `World` is a world of one, and every method is a no-op.
+"""
+
+import os
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from mlx_rl.config import MlxRlError
+
+
+class World:
+    """The ranks of a data-parallel run (a world of one outside `mlx.launch`)."""
+
+    def __init__(self, group=None, backend="none"):
+        self.group = group
+        self.rank = group.rank() if group is not None else 0
+        self.size = group.size() if group is not None else 1
+        self.backend = backend
+
+    @classmethod
+    def from_launcher(cls):
+        """Join the launcher's group when started by `mlx.launch` (it sets MLX_RANK), else a world of one."""
+        if "MLX_RANK" not in os.environ or not mx.distributed.is_available():
+            return cls()
+        backend = os.environ.get("MLX_RL_BACKEND", "any")
+        try:
+            group = mx.distributed.init(strict=True, backend=backend)
+        except Exception as e:
+            raise MlxRlError(f"could not join the distributed group ({backend} backend): {str(e).splitlines()[0]}") from None
+        name = os.environ.get("MLX_RL_BACKEND") or ("ring" if os.environ.get("MLX_HOSTFILE") else backend)
+        return cls(group, name) if group.size() > 1 else cls()
+
+    def shard(self, rows):
+        """This rank's contiguous block of a global list (whole blocks: the caller keeps groups aligned)."""
+        if self.size == 1:
+            return rows
+        n = len(rows)
+        return rows[self.rank * n // self.size : (self.rank + 1) * n // self.size]
+
+    def gather(self, values):
+        """The global array from each rank's block of rows (rank order is row order). (b, ...) -> (B, ...)"""
+        values = np.asarray(values)
+        if self.size == 1:
+            return values
+        counts = np.array(mx.distributed.all_gather(mx.array([len(values)], dtype=mx.int32), group=self.group))
+        longest = int(counts.max())
+        padded = np.zeros((longest, *values.shape[1:]), dtype=np.float32)
+        padded[: len(values)] = values
+        gathered = np.array(mx.distributed.all_gather(mx.array(padded), group=self.group))  # (W * longest, ...)
+        blocks = [gathered[r * longest : r * longest + int(counts[r])] for r in range(self.size)]
+        return np.concatenate(blocks).astype(values.dtype)
+
+    def all_objects(self, obj, merge):
+        """Every rank's JSON-able object, in rank order, merged with merge(list): for small per-rank results
+        (DPO's pairs). Sent as UTF-8 bytes through all_gather."""
+        if self.size == 1:
+            return merge([obj])
+        import json
+
+        from mlx_rl.data.pairs import Pairs
+
+        def encode(o):
+            return o.to_json() if isinstance(o, Pairs) else o
+
+        data = np.frombuffer(json.dumps([encode(x) for x in obj]).encode(), dtype=np.uint8)
+        parts = []
+        for blob in self.gather_bytes(data):
+            decoded = json.loads(bytes(blob).decode())
+            parts.append((Pairs.from_json(decoded[0]), decoded[1]))
+        return merge(parts)
+
+    def gather_bytes(self, data):
+        counts = np.array(mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int32), group=self.group))
+        longest = int(counts.max())
+        padded = np.zeros(longest, dtype=np.int32)
+        padded[: len(data)] = data
+        gathered = np.array(mx.distributed.all_gather(mx.array(padded), group=self.group))
+        return [gathered[r * longest : r * longest + int(counts[r])].astype(np.uint8) for r in range(self.size)]
+
+    def sum(self, values):
+        """Element-wise sum over ranks of a numpy array (float64 sums are sent as float32)."""
+        if self.size == 1:
+            return values
+        arr = mx.distributed.all_sum(mx.array(np.asarray(values, dtype=np.float32)), group=self.group)
+        return np.array(arr, dtype=np.float64)
+
+    def reduce_metrics(self, metrics):
+        """Global figures from each rank's: keys ending in _min / _max take the min / max over ranks, the
+        rest are shares of a global mean (a sum over this rank's rows divided by a global count) and add up."""
+        if self.size == 1 or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        local = mx.array([float(metrics[k]) for k in keys], dtype=mx.float32)
+        gathered = np.array(mx.distributed.all_gather(local[None], group=self.group))  # (W, K)
+        out = {}
+        for j, k in enumerate(keys):
+            column = gathered[:, j]
+            out[k] = float(column.min() if k.endswith("_min") else column.max() if k.endswith("_max") else column.sum())
+        return out
+
+    def sum_tree(self, tree):
+        """All-reduce (sum) a tree of arrays, flattened into one buffer per dtype to send few messages."""
+        if self.size == 1:
+            return tree
+        flat = tree_flatten(tree)
+        if not flat:
+            return tree
+        sizes = [v.size for _, v in flat]
+        buffer = mx.concatenate([v.reshape(-1).astype(mx.float32) for _, v in flat])
+        buffer = mx.distributed.all_sum(buffer, group=self.group)
+        out, offset = [], 0
+        for (k, v), n in zip(flat, sizes):
+            out.append((k, buffer[offset : offset + n].reshape(v.shape).astype(v.dtype)))
+            offset += n
+        return tree_unflatten(out)
+
+    def check_same_weights(self, model):
+        """Every rank must start from the same weights (same seed, same checkpoint): checked once."""
+        if self.size == 1:
+            return
+        total = sum(mx.sum(v.astype(mx.float32)) for _, v in tree_flatten(model.trainable_parameters()))
+        totals = self.sum(np.array([float(total.item())]) * np.eye(self.size)[self.rank])
+        if not np.allclose(totals, totals[0], rtol=1e-6):
+            raise MlxRlError(f"the ranks start from different weights (sums {totals.tolist()}): give every rank the same "
+                             "--model and --seed")
+
+
+def zeros_like_tree(tree):
+    return tree_map(mx.zeros_like, tree)

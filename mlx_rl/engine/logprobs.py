@@ -1,0 +1,207 @@
+"""Teacher-forced log-probs and entropy of completion tokens, for a padded batch.
+
+Training scores the exact token ids a rollout sampled. Each row is laid out as
+prompt ids then completion ids, right-padded:
+
+    tokens  [BOS 0 7 + 4 5 = 2 5 0 EOS PAD PAD]
+    targets tokens[:, 1:]; mask marks the completion's targets (2 5 0 EOS)
+
+Right padding keeps every real token at the same position it had when sampled,
+and causal attention never looks at the padding on its right, so a sequence
+gives the same numbers alone or padded in a batch. Prompt and padding positions
+have mask 0 and so never reach a loss.
+
+Works with any mlx-lm model: it is one plain forward pass, `model(tokens)`.
+The reference policy of PPO / GRPO / DPO holds the starting weights, frozen
+(`session.Reference`), and `reference_logprobs` stops gradients at its output,
+so a loss that mixes policy and reference log-probs trains only the policy.
+
+`sampled_distribution` is the one place where "the distribution we sample from"
+(temperature, top-p) is written; the sampler and every training pass use it.
+"""
+
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+
+def completion_batch(prompt_ids, completion_ids, completion_mask, pad_id=0, values=None):
+    """Build (tokens (B, T), mask (B, T-1)) from prompt ids and a rollout's completions.
+
+    prompt_ids: (B,) lists; completion_ids, completion_mask: (B, N) arrays.
+    mask[b, t] = 1 where tokens[b, t + 1] is a completion token of row b.
+    values: (B, N) per-completion-token numbers (the sampler's log-probs), also
+    returned laid out like mask, (B, T-1), 0 elsewhere.
+    """
+    completion_ids = np.array(completion_ids)
+    completion_mask = np.array(completion_mask).astype(np.float32)
+    B, N = completion_ids.shape
+    prompt_len = np.array([len(p) for p in prompt_ids])  # (B,)
+    P = int(prompt_len.max())
+    tokens = np.full((B, P + N), pad_id, dtype=np.int32)
+    for i, p in enumerate(prompt_ids):
+        tokens[i, : len(p)] = p
+    cols = prompt_len[:, None] + np.arange(N)[None, :]  # (B, N) where each completion token goes
+    np.put_along_axis(tokens, cols, np.where(completion_mask > 0, completion_ids, pad_id), axis=1)
+    mask = np.zeros((B, P + N), dtype=np.float32)
+    np.put_along_axis(mask, cols, completion_mask, axis=1)
+    if values is None:
+        return mx.array(tokens), mx.array(mask[:, 1:])
+    placed = np.zeros((B, P + N), dtype=np.float32)
+    np.put_along_axis(placed, cols, np.where(completion_mask > 0, np.array(values), 0.0), axis=1)
+    return mx.array(tokens), mx.array(mask[:, 1:]), mx.array(placed[:, 1:])
+
+
+def sampled_distribution(logits, temperature=1.0, top_p=1.0, with_probs=False):
+    """Log-probs of the distribution tokens are sampled from: logits / temperature, then top-p.
+
+    The one definition of "the policy" for every chapter: the sampler draws from it,
+    and the training pass and PPO score the sampled tokens under it, so the two can't
+    disagree. temperature 0 (greedy decoding) scores under the temperature-1 distribution.
+    (..., V) -> (..., V) float32; with_probs also returns the probabilities (for the entropy).
+    """
+    logits = logits.astype(mx.float32)
+    if temperature > 0:
+        logits = logits / temperature
+    # log-softmax and probabilities from one exp (logsumexp, its gradient and exp(logp) would take
+    # three: MLX's Linux CPU wheel computes exp one element at a time, see fastmath.py).
+    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))  # (..., 1) for a safe exp
+    e = mx.exp(logits - top)  # (..., V)
+    total = e.sum(axis=-1, keepdims=True)  # (..., 1)
+    logprobs = logits - (top + mx.log(total))  # (..., V)
+    probs = e / total if with_probs else None
+    if top_p < 1.0 and temperature > 0:
+        logprobs = top_p_filter(logprobs, top_p)
+        probs = mx.exp(logprobs) if with_probs else None
+    return (logprobs, probs) if with_probs else logprobs
+
+
+def top_p_filter(logprobs, top_p):
+    """Keep the smallest set of tokens whose probability reaches top_p; renormalise. (B, V) -> (B, V)"""
+    order = mx.argsort(-logprobs, axis=-1)
+    sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
+    cumulative = mx.cumsum(mx.exp(sorted_lp), axis=-1)
+    keep_sorted = (cumulative - mx.exp(sorted_lp)) < top_p  # always keeps the most likely token
+    keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
+    filtered = mx.where(keep, logprobs, -mx.inf)
+    return filtered - mx.logsumexp(filtered, axis=-1, keepdims=True)
+
+
+def entropy_of(logprobs, probs, top_p=1.0):
+    """Entropy of each distribution, -sum p log p over the last axis. (..., V) -> (...)"""
+    terms = probs * logprobs
+    if top_p < 1.0:
+        terms = mx.where(probs > 0, terms, 0.0)  # tokens top-p removed: 0 * -inf counts 0
+    return -terms.sum(axis=-1)
+
+
+def token_logprobs(model, tokens, temperature=1.0, group_size=1, shared_len=0, top_p=1.0, return_hidden=False):
+    """Per-token log-probs and entropies of tokens[:, 1:] given their prefixes, under the sampled distribution.
+
+    Returns (B, T-1) x 2 (and the final hidden states (B, T-1, H) with return_hidden,
+    for PPO's value head). group_size G > 1 with shared_len S > 0 says that rows come
+    in groups of G adjacent rows whose first S tokens are the same (a GRPO batch:
+    each prompt G times). The model then runs those S tokens once per group and only
+    the rest once per row (`shared_prefix_logits`): the same numbers, less work.
+    """
+    inputs = tokens[:, :-1]
+    if return_hidden:
+        hidden = model.model(inputs)  # (B, T-1, H) final-normed hidden states
+        logits = output_layer(model, hidden)
+    elif group_size > 1 and shared_len > 0 and plain_kv_layers(model):
+        logits = shared_prefix_logits(model, inputs, group_size, shared_len)
+    else:
+        logits = model(inputs)  # (B, T-1, V)
+    logp_all, probs = sampled_distribution(logits, temperature, top_p, with_probs=True)  # (B, T-1, V) x 2
+    logprobs = mx.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]  # (B, T-1)
+    entropy = entropy_of(logp_all, probs, top_p)  # (B, T-1)
+    return (logprobs, entropy, hidden) if return_hidden else (logprobs, entropy)
+
+
+def output_layer(model, hidden):
+    """The model's own head: logits from final hidden states (an lm_head, or tied embeddings)."""
+    if getattr(model, "lm_head", None) is not None:
+        return model.lm_head(hidden)
+    return model.model.embed_tokens.as_linear(hidden)
+
+
+class PrefixCache:
+    """A differentiable KV cache for one layer: keys and values are concatenated, never written in place.
+
+    It speaks the mlx-lm cache protocol (`offset`, `update_and_fetch`, `make_mask`)
+    for `shared_prefix_logits`, which runs a model twice: on the prefixes, then
+    on the rest of each row with the prefixes' keys and values repeated per row.
+    """
+
+    def __init__(self):
+        self.keys = self.values = None  # (B, H, L, D)
+        self.offset = 0  # RoPE position of the next token
+
+    def update_and_fetch(self, keys, values):
+        if self.keys is not None:
+            keys = mx.concatenate([self.keys, keys], axis=2)
+            values = mx.concatenate([self.values, values], axis=2)
+        self.keys, self.values = keys, values
+        self.offset = keys.shape[2]
+        return keys, values
+
+    def make_mask(self, N, return_array=False, window_size=None):
+        if self.offset == 0 and not (return_array or window_size):
+            return "causal" if N > 1 else None
+        return create_causal_mask(N, offset=self.offset, window_size=window_size)  # (N, offset + N)
+
+    def repeat_rows(self, repeats):
+        self.keys = mx.repeat(self.keys, repeats, axis=0)
+        self.values = mx.repeat(self.values, repeats, axis=0)
+
+
+def plain_kv_layers(model):
+    """Whether every layer of the model keeps a plain KV cache (no sliding window, no recurrent state)."""
+    return all(type(c) is KVCache for c in make_prompt_cache(model))
+
+
+def shared_prefix_logits(model, inputs, group_size, shared_len):
+    """model(inputs) for rows in groups of `group_size` that share their first `shared_len` tokens.
+
+    inputs (B, L) with B = P * G; rows g*G .. g*G + G-1 must agree on inputs[:, :S].
+    The shared tokens run once per group (P rows), their keys and values are
+    repeated G times, and the remaining L - S tokens run once per row. Causal
+    attention makes this exact; gradients reaching the shared part are summed
+    over the group, as they would be over its G copies. Returns (B, L, V).
+    """
+    S = min(shared_len, inputs.shape[1] - 1)
+    caches = [PrefixCache() for _ in model.layers]
+    prefix_logits = model(inputs[::group_size, :S], cache=caches)  # (P, S, V)
+    for c in caches:
+        c.repeat_rows(group_size)
+    rest_logits = model(inputs[:, S:], cache=caches)  # (B, L - S, V)
+    return mx.concatenate([mx.repeat(prefix_logits, group_size, axis=0), rest_logits], axis=1)
+
+
+def sequence_logprobs(model, tokens, mask, temperature=1.0):
+    """Sum of completion-token log-probs per row. (B,)"""
+    logprobs, _ = token_logprobs(model, tokens, temperature)
+    return masked(logprobs, mask).sum(axis=1)
+
+
+def masked_mean(x, mask, axis=None):
+    """Mean of x over positions where mask is 1 (x elsewhere is never looked at: no inf * 0)."""
+    return mx.where(mask > 0, x, 0.0).sum(axis=axis) / mx.maximum(mask.sum(axis=axis), 1.0)
+
+
+def masked(x, mask, fill=0.0):
+    """x where mask is 1, `fill` elsewhere: padded positions replaced *before* anything can overflow.
+
+    A padded position's log-prob can be anything (-1e4 after a long run): exp(logp - ref)
+    would be inf there, and inf * 0 is NaN in the loss and its gradient. Every loss
+    passes its per-token inputs through this first.
+    """
+    return mx.where(mask > 0, x, fill)
+
+
+def reference_logprobs(ref_model, tokens, temperature=1.0):
+    """Log-probs under a frozen reference: no gradient can flow into it. (B, T-1)"""
+    logprobs, _ = token_logprobs(ref_model, tokens, temperature)
+    return mx.stop_gradient(logprobs)
