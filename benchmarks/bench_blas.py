@@ -13,15 +13,16 @@ import sys
 
 WORKER = r"""
 import json, sys, time
-import mlx_rl, mlx_rl.blas as blas
+from mlx_rl.engine import blas, speed
+speed.enable()
 import mlx.core as mx
 import numpy as np
-from mlx_rl import train
-from mlx_rl.models import new_tiny_model
-from mlx_rl.pretrain import corpus_batch, pretrain_loss
-from mlx_rl.rollout import generate
+from mlx_rl.chapters.pretrain import corpus_batch, pretrain_loss
+from mlx_rl.data.tasks import Addition
+from mlx_rl.engine.models import new_tiny_model
+from mlx_rl.engine.sampling import generate
+from mlx_rl.engine.update import make_optimizer, make_update
 from mlx_rl.runs import PhaseTimer
-from mlx_rl.tasks import Addition
 
 a = mx.random.normal((1024, 1024)); b = mx.random.normal((1024, 1024)); mx.eval(a, b)
 mx.eval(a @ b)
@@ -31,15 +32,17 @@ gflops = 2 * 1024**3 / ((time.perf_counter() - t) / 5) / 1e9
 
 model, tok, _ = new_tiny_model("tiny")
 task, rng, timer = Addition(), np.random.default_rng(0), PhaseTimer()
-opt = train.make_optimizer(1e-3, 100)
-update = train.make_update(model, opt, pretrain_loss)
-def batch(): return corpus_batch(task, tok, rng, 64)
-for _ in range(3): update(*batch(), timer=timer)
+opt = make_optimizer(1e-3, 100)
+update = make_update(model, opt, pretrain_loss, timer=timer)
+def batch():
+    tokens, mask = corpus_batch(task, tok, rng, 64)
+    return tokens, mask, mask.sum()
+for _ in range(3): update(*batch())
 t = time.perf_counter()
-for _ in range(10): update(*batch(), timer=timer)
+for _ in range(10): update(*batch())
 step_s = (time.perf_counter() - t) / 10
 
-prompts = task.prompts("train", 64, seed=0)
+prompts = task.train_rows(np.random.default_rng([0, 0]), 64, distinct=True)
 generate(model, tok, prompts, 8)
 t = time.perf_counter()
 for _ in range(3): r = generate(model, tok, prompts, 8)

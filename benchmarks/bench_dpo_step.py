@@ -15,24 +15,34 @@ precomputed reference log-probs works).
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
-import mlx_rl  # noqa: F401  (preloads OpenBLAS before mlx)
-import mlx.core as mx
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mlx_rl.engine import speed  # noqa: E402
 
-from mlx_rl import dpo, train
-from mlx_rl.models import count_parameters, new_tiny_model, save_checkpoint
-from mlx_rl.runs import PhaseTimer
-from mlx_rl.tasks import get_task
+speed.enable()  # OpenBLAS before MLX
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mlx_rl.chapters import dpo  # noqa: E402
+from mlx_rl.data.pairs import Pairs, pair_batch  # noqa: E402
+from mlx_rl.data.tasks import get_task  # noqa: E402
+from mlx_rl.engine.checkpoint import save_checkpoint  # noqa: E402
+from mlx_rl.engine.models import count_parameters, new_tiny_model  # noqa: E402
+from mlx_rl.engine.session import Reference  # noqa: E402
+from mlx_rl.engine.update import make_optimizer, make_update  # noqa: E402
+from mlx_rl.runs import PhaseTimer  # noqa: E402
 
 
 def make_pairs(tokenizer, task, n, seed=0):
     rng = np.random.default_rng(seed)
-    pairs = dpo.Pairs([], [], [])
+    pairs = Pairs([], [], [])
     eos = tokenizer.eos_token_id
-    for prompt in task.prompts("train", n, seed=seed):
-        right = task.correct_completion(prompt)
+    for row in task.train_rows(np.random.default_rng([seed, 0]), n, distinct=True):
+        prompt, right = row["prompt"], row["answer"]
         wrong = right
         while wrong == right:
             wrong = "".join(str(d) for d in rng.integers(10, size=len(right)))
@@ -65,24 +75,24 @@ def measure(args):
     task = get_task("addition")
     pairs = make_pairs(tokenizer, task, 512)
     dpo.compute_reference(model, pairs)
-    reference = train.Reference(model) if args.with_reference else None
-    optimizer = train.make_optimizer(1e-4, 0)
+    reference = Reference(model) if args.with_reference else None
+    optimizer = make_optimizer(1e-4, 0)
     loss_fn = dpo.make_loss_fn(args.beta, rpo_alpha=args.rpo_alpha)
-    if args.no_compile:
-        update = train.make_update(model, optimizer, loss_fn, 1.0, compile=False)
-    else:  # what `mlx-rl dpo` uses: gradient, clipping and AdamW in one compiled function
-        update = train.make_fused_update(model, optimizer, loss_fn, 1.0)
     timer = PhaseTimer()
+    update = make_update(model, optimizer, loss_fn, 1.0, compile=not args.no_compile, timer=timer)  # what `mlx-rl dpo` uses
     batches = [dpo.batch_order(len(pairs), args.batch_size, [0, e]) for e in range(4)]
     batches = [b for epoch in batches for b in epoch]
 
     def step(i):
-        tokens, mask, ref = dpo.pair_batch(pairs, batches[i % len(batches)])
+        idx = batches[i % len(batches)]
+        tokens, mask, ref = pair_batch(pairs, idx)
         if reference is not None:
             with timer("reference"):
                 ref = (reference.logprobs(tokens) * mask).sum(axis=1)
                 mx.eval(ref)
-        return update(tokens, mask, ref, timer=timer)
+        n_pairs = mx.array(float(len(idx)))
+        n_chosen = mx.array(float(sum(len(pairs.chosen_ids[j]) for j in idx)))
+        return update(tokens, mask, ref, n_pairs, n_chosen)
 
     for i in range(args.warmup):
         step(i)

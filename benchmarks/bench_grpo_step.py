@@ -2,7 +2,7 @@
 
 A Qwen3-style model of hidden size 128, 4 layers, 4 heads, character vocabulary
 (preset "tiny", about 1M parameters, randomly initialised), full fine-tune:
-8 prompts x group 8, 8 new tokens, temperature 1, beta 0, one inner iteration.
+8 prompts x group 8, 8 new tokens, temperature 1, no KL term, one epoch.
 Warm-up steps (compilation) are not timed; then N steps are, and the mean step
 time is printed with its split by phase (generate, reward, forward_backward,
 optimizer) so the next speed-up is obvious.
@@ -10,7 +10,7 @@ optimizer) so the next speed-up is obvious.
 The reward is the task's (parsed per row, as in a real run) plus a random
 tie-breaker below 0.001: a random model's groups would otherwise often all score
 the same, and a step whose groups are all zero-signal takes no update (see
-mlx_rl/grpo.py), which would time less than a full step. Every timed step is
+mlx_rl/chapters/grpo.py), which would time less than a full step. Every timed step is
 checked to have run its update.
 
 This machine's speed drifts, so compare against a peer measured in the same run:
@@ -25,16 +25,24 @@ import argparse
 import json
 import os
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-import mlx_rl  # noqa: F401  (loads OpenBLAS before MLX)
-import mlx.core as mx
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mlx_rl.engine import speed  # noqa: E402
 
-from mlx_rl import grpo, train
-from mlx_rl.models import count_parameters, get_model, save_checkpoint
-from mlx_rl.runs import PhaseTimer
-from mlx_rl.tasks import get_task
+speed.enable()  # OpenBLAS before MLX
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mlx_rl.chapters import grpo, grpo_family  # noqa: E402
+from mlx_rl.data.rewards import load_rewards  # noqa: E402
+from mlx_rl.engine.checkpoint import save_checkpoint  # noqa: E402
+from mlx_rl.engine.models import count_parameters  # noqa: E402
+from mlx_rl.engine.session import start  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -45,8 +53,9 @@ def parse_args(argv=None):
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--inner-iters", type=int, default=1)
-    parser.add_argument("--beta", type=float, default=0.0)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--kl-coef", type=float, default=0.0)
+    parser.add_argument("--variant", default="grpo", choices=list(grpo_family.VARIANTS))
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--save-model", default=None,
                         help="also save the benchmarked (random) model as an mlx-lm checkpoint here, for a peer to load")
@@ -55,29 +64,30 @@ def parse_args(argv=None):
 
 def measure(args):
     """Time args.steps GRPO steps after args.warmup untimed ones. Returns the figures as a dict."""
-    model, tokenizer, config = get_model(None, args.preset, seed=0)
-    if args.save_model:
-        save_checkpoint(args.save_model, model, tokenizer, config)
-    task = get_task("addition")
+    out = tempfile.mkdtemp(prefix="bench-grpo-")
     cfg = grpo.GRPOConfig(prompts_per_step=args.prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
-                          inner_iters=args.inner_iters, beta=args.beta, temperature=1.0, lr=1e-4)
-    optimizer = train.make_optimizer(cfg.lr, cfg.steps)
-    update = grpo.make_update(model, optimizer, cfg)
-    reference = train.Reference(model) if cfg.beta > 0 else None
+                          epochs=args.epochs, kl_coef=args.kl_coef, temperature=1.0, lr=1e-4, variant=args.variant,
+                          out=str(Path(out) / "run"), pass_k=())
+    cfg.preset = args.preset
+    session = start("grpo", cfg)  # a new tiny model (no --model), a run directory in a temporary folder
+    if args.save_model:
+        save_checkpoint(args.save_model, session.model, session.tokenizer, session.model_config)
     rng = np.random.default_rng(0)
-    mx.random.seed(0)
 
-    def reward(prompt, completion):
-        return task.reward(prompt, completion) + 1e-3 * rng.random()
+    def tie_breaker(prompts, completions, **columns):
+        return (1e-3 * rng.random(len(completions))).tolist()
 
-    timer = PhaseTimer()
+    session.task.rewards = load_rewards(["exact", "chars", tie_breaker], [1.0, 0.1, 1.0])
+    variant = grpo_family.make_variant(cfg, args.max_new_tokens)
+    optimizer = session.optimizer(cfg.lr, cfg.steps)
+    update = session.update_step(grpo.make_loss_fn(cfg, variant), optimizer)
     step_s, phases = [], []
     for i in range(args.warmup + args.steps):
-        prompts = grpo.sample_prompts(task, rng, cfg.prompts_per_step)
-        start = time.perf_counter()
-        row, _ = grpo.grpo_step(model, tokenizer, task, prompts, cfg, update, reference, timer, reward)
-        seconds = time.perf_counter() - start
-        times = timer.pop()
+        session.seed_step(i)
+        start_s = time.perf_counter()
+        row, _ = grpo.grpo_step(session, cfg, variant, update, args.max_new_tokens)
+        seconds = time.perf_counter() - start_s
+        times = session.timer.pop()
         if i < args.warmup:
             continue
         if row["grpo/skipped"]:
@@ -87,7 +97,7 @@ def measure(args):
 
     names = sorted({k for p in phases for k in p})
     return {
-        "settings": {**vars(args), "parameters": count_parameters(model)},
+        "settings": {**vars(args), "parameters": count_parameters(session.model)},
         "step_s_mean": statistics.mean(step_s),
         "step_s_median": statistics.median(step_s),
         "step_s_min": min(step_s),
@@ -102,7 +112,7 @@ def main():
     mean, split = result["step_s_mean"], result["phase_s_mean"]
     print(f"GRPO step, {args.preset} model ({result['settings']['parameters'] / 1e6:.2f}M parameters), "
           f"{args.prompts} prompts x group {args.group_size}, {args.max_new_tokens} new tokens, "
-          f"{args.inner_iters} inner iteration(s), beta {args.beta}")
+          f"{args.epochs} epoch(s), KL coefficient {args.kl_coef}, variant {args.variant}")
     print(f"mean {mean * 1000:.1f} ms/step  (median {result['step_s_median'] * 1000:.1f}, "
           f"min {result['step_s_min'] * 1000:.1f}) over {args.steps} steps; load average {os.getloadavg()[0]:.2f}")
     for name, s in sorted(split.items(), key=lambda kv: -kv[1]):

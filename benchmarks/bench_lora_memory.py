@@ -20,15 +20,18 @@ from pathlib import Path
 
 
 def measure(setting, path, path4, batch, length, steps):
-    import mlx_rl  # noqa: F401
+    from mlx_rl.engine import speed
+
+    speed.enable()
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.utils import get_total_parameters
 
-    from mlx_rl import lora, train
-    from mlx_rl.logprobs import reference_logprobs
-    from mlx_rl.pretrain import pretrain_loss
-    from mlx_rl.runs import PhaseTimer
+    from mlx_rl.chapters.pretrain import pretrain_loss
+    from mlx_rl.engine import lora
+    from mlx_rl.engine.logprobs import reference_logprobs
+    from mlx_rl.engine.session import Reference
+    from mlx_rl.engine.update import make_optimizer, make_update
 
     model, _ = load(path4 if setting == "lora-4bit" else path)
     if setting.startswith("lora"):
@@ -37,9 +40,9 @@ def measure(setting, path, path4, batch, length, steps):
         copy, _ = load(path)
         ref = lambda t: reference_logprobs(copy, t)  # noqa: E731
     else:
-        reference = train.Reference(model)
+        reference = Reference(model)
         ref = reference.logprobs
-    update = train.make_update(model, train.make_optimizer(1e-4, steps), pretrain_loss, compile=False)
+    update = make_update(model, make_optimizer(1e-4, steps), pretrain_loss, compile=False)
     mx.random.seed(0)
     tokens = mx.random.randint(0, 300, (batch, length))
     mask = mx.ones((batch, length - 1))
@@ -47,7 +50,7 @@ def measure(setting, path, path4, batch, length, steps):
     start = time.perf_counter()
     for _ in range(steps):
         mx.eval(ref(tokens))
-        update(tokens, mask, timer=PhaseTimer())
+        update(tokens, mask, mask.sum())
     return {"setting": setting, "peak_mb": round(mx.get_peak_memory() / 1e6, 1),
             "s_per_step": round((time.perf_counter() - start) / steps, 2),
             "parameters": get_total_parameters(model),
@@ -66,7 +69,9 @@ def main():
     if args.one:
         print(json.dumps(measure(*args.one, args.batch, args.length, args.steps)))
         return
-    import mlx_rl  # noqa: F401
+    from mlx_rl.engine import speed
+
+    speed.enable()
     from mlx_rl.testing import build_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""Rollout speed: mlx_rl.rollout.generate against mlx-lm's own batch_generate.
+"""Rollout speed: mlx_rl.engine.sampling.generate against mlx-lm's own batch_generate.
 
 Same model (a random tiny Qwen3, or --model), same prompts, same settings
 (temperature 1, top-p 1, the same max new tokens), timed in the same process,
@@ -27,13 +27,20 @@ import argparse
 import statistics
 import time
 
-import mlx_rl  # noqa: F401  (loads OpenBLAS before MLX)
-import mlx.core as mx
-from mlx_lm.generate import batch_generate
-from mlx_lm.sample_utils import make_sampler
+import sys
+from pathlib import Path
 
-from mlx_rl.models import get_model
-from mlx_rl.rollout import encode_prompts, generate
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mlx_rl.engine import speed  # noqa: E402
+
+speed.enable()  # OpenBLAS before MLX
+
+import mlx.core as mx  # noqa: E402
+from mlx_lm.generate import batch_generate  # noqa: E402
+from mlx_lm.sample_utils import make_sampler  # noqa: E402
+
+from mlx_rl.engine.models import get_model  # noqa: E402
+from mlx_rl.engine.sampling import encode_prompts, generate  # noqa: E402
 
 
 def make_prompts(n, kind):

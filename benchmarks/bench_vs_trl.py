@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import bench_dpo_step  # noqa: E402  (imports mlx_rl, which loads OpenBLAS before MLX)
+import bench_dpo_step  # noqa: E402  (switches on OpenBLAS before MLX)
 import bench_grpo_step  # noqa: E402
 
 STEPS = {  # name -> (the mlx-rl benchmark module, the peer script, default timed steps, warm-up steps)

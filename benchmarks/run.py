@@ -21,9 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import mlx_rl  # noqa: E402,F401
+from mlx_rl.engine import speed  # noqa: E402
+
+speed.enable()
 from mlx_rl.plots import plot_runs  # noqa: E402
-from mlx_rl.profile import phase_profile  # noqa: E402
+from mlx_rl.tools.profile import phase_profile  # noqa: E402
 
 LIMIT_S = 3600
 MLXRL = [sys.executable, "-m", "mlx_rl"]

@@ -247,14 +247,20 @@ def remove_temporaries(run_path):
 
 
 def swap_in_checkpoint(tmp_dir, final_dir):
-    """Make tmp_dir (fully written) the new final_dir, keeping the old one until the end."""
+    """Make tmp_dir (fully written) the new final_dir. At every moment one complete checkpoint exists:
+    a kill between the two renames leaves only checkpoint.old, which find_checkpoint takes."""
+    from mlx_rl.engine import faults
+
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
     old = final_dir.with_name(final_dir.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
     if final_dir.exists():
+        if old.exists():  # left by a swap cut short after its second rename: final_dir is the newer one
+            shutil.rmtree(old)
         os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
+        faults.reached("mid_swap")
+        os.replace(tmp_dir, final_dir)
+    else:  # only checkpoint.old (a swap cut short between its renames) or nothing yet
+        os.replace(tmp_dir, final_dir)
     if old.exists():
         shutil.rmtree(old)
 

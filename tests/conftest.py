@@ -1,11 +1,14 @@
-import mlx_rl  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
-import pytest
+from mlx_rl.engine import speed
+
+speed.enable()  # OpenBLAS before anything imports mlx (conftest is imported before every test module)
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def micro_model():
     """A fresh micro model (about 60k parameters) and its tokenizer."""
-    from mlx_rl.models import new_tiny_model
+    from mlx_rl.engine.models import new_tiny_model
 
     return new_tiny_model("micro", seed=0)
 
@@ -13,7 +16,7 @@ def micro_model():
 @pytest.fixture(scope="session")
 def micro_checkpoint(tmp_path_factory, micro_model):
     """The micro model saved as an mlx-lm checkpoint directory."""
-    from mlx_rl.models import save_checkpoint
+    from mlx_rl.engine.checkpoint import save_checkpoint
 
     model, tokenizer, config = micro_model
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint"

@@ -2,16 +2,15 @@
 
 import sys
 
-import mlx_rl  # noqa: F401
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_rl import fastmath
-from mlx_rl.logprobs import token_logprobs
-from mlx_rl.models import new_tiny_model
+from mlx_rl.engine import fastmath
+from mlx_rl.engine.logprobs import token_logprobs
+from mlx_rl.engine.models import new_tiny_model
 
 # Wide range, the clamp edges, huge values, zeros and tiny values.
 EDGES = [-1e30, -1e4, -100.0, -88.5, -88.0, -87.5, -87.0, -20.0, -1e-30, -0.0, 0.0, 1e-30, 20.0, 87.0, 88.0, 88.5, 100.0, 1e4, 1e30]
@@ -71,7 +70,7 @@ def test_patched_model_logprobs_and_gradients_match_mlx_lm():
     """A tiny model's log-probs and gradients, with mlx-lm's swiglu and with the fast one."""
     model, tokenizer, _ = new_tiny_model("micro", seed=0)
     qwen3 = sys.modules["mlx_lm.models.qwen3"]
-    assert fastmath.installed and qwen3.swiglu is fastmath.swiglu  # import mlx_rl installed it
+    assert fastmath.installed and qwen3.swiglu is fastmath.swiglu  # speed.enable() (conftest) installed it when mlx-lm was imported
 
     tokens = mx.array(np.random.default_rng(0).integers(4, 90, (6, 12)), dtype=mx.int32)
 
@@ -81,7 +80,7 @@ def test_patched_model_logprobs_and_gradients_match_mlx_lm():
 
     value_and_grad = nn.value_and_grad(model, loss)
     fast_lp, _ = token_logprobs(model, tokens)
-    fast_loss, fast_grads = mx.compile(value_and_grad, inputs=model.state, outputs=model.state)(tokens)  # as train.make_update compiles it
+    fast_loss, fast_grads = mx.compile(value_and_grad, inputs=model.state, outputs=model.state)(tokens)  # as update.make_update compiles it
     fastmath.uninstall()
     try:
         assert qwen3.swiglu is not fastmath.swiglu

@@ -9,7 +9,7 @@ import pytest
 
 from mlx_rl.cli import main
 from mlx_rl.config import MlxRlError
-from mlx_rl.icemaze import (
+from mlx_rl.chapters.icemaze import (
     DOWN, LEFT, MAPS, RIGHT, UP, IceMaze, IceMazeConfig, PolicyNet, advantages_of, discounted_returns,
     load_map, min_steps, one_hot_policy, q_learning_episode, reinforce_loss, rollout,
     success_probability, value_iteration,
@@ -227,6 +227,9 @@ def test_cli_smoke(tmp_path, algo):
     if algo != "value_iteration":
         assert {"charts/return", "charts/length", "charts/success"} <= set(rows[-1])
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["chapter"] == "icemaze" and summary["status"] == "finished"
+    assert summary["after"]["eval/success_rate"] == summary["details"]["eval"]["success_rate"]
+    summary = summary["details"]  # the chapter's own figures
     assert {"eval", "value_iteration", "min_steps", "success_gap"} <= set(summary)
     assert summary["min_steps"] == 6
     assert (out / "plots" / "policy.png").exists() and (out / "plots" / "values.png").exists()
@@ -250,9 +253,11 @@ def test_config_defaults_are_the_documented_ones():
 
 
 def run_default(tmp_path, *args):
+    """summary.json's chapter figures (details), with the run's wall time."""
     out = tmp_path / "run"
     main(["icemaze", *args, "--out", str(out), "--no-plots"])
-    return json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    return {**summary["details"], "wall_s": summary["wall_s"]}
 
 
 @pytest.mark.slow

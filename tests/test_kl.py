@@ -2,12 +2,11 @@
 
 import json
 
-import mlx_rl  # noqa: F401
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_rl.kl import exact_kl, k1, k2, k3
+from mlx_rl.chapters.kl import exact_kl, k1, k2, k3
 
 # Two categoricals far enough apart that KL(p||q) and KL(q||p) differ clearly.
 P = np.array([0.6, 0.25, 0.1, 0.04, 0.01])
@@ -95,7 +94,7 @@ def test_grpo_convention_estimates_kl_policy_to_reference():
 
 
 def test_identical_checkpoints_have_zero_kl(micro_model):
-    from mlx_rl.kl import KLConfig, checkpoint_experiment
+    from mlx_rl.chapters.kl import KLConfig, checkpoint_experiment
 
     model, tokenizer, _ = micro_model
     result = checkpoint_experiment(KLConfig(prompts=8, max_new_tokens=4, max_samples=16, trials=10), model, model, tokenizer)
@@ -111,6 +110,8 @@ def test_cli_smoke_run(tmp_path, micro_checkpoint):
     main(["kl", "--model", str(micro_checkpoint), "--prompts", "16", "--max-new-tokens", "4", "--max-samples", "64",
           "--trials", "50", "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["chapter"] == "kl" and summary["final"]["kl/k3"] >= 0
+    summary = summary["details"]  # the chapter's own figures
     for name in ("kl-categorical-close", "kl-categorical-far", "kl-bias-and-spread", "kl-checkpoints"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
     assert json.loads((out / "config.json").read_text())["trials"] == 50

@@ -1,17 +1,16 @@
 """Teacher-forced log-probs and entropy: numpy references, padding, and where gradients go."""
 
-import mlx_rl  # noqa: F401
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_rl.logprobs import (
+from mlx_rl.engine.logprobs import (
     completion_batch, masked_mean, reference_logprobs, sequence_logprobs, token_logprobs,
 )
-from mlx_rl.models import new_tiny_model
-from mlx_rl.train import Reference
+from mlx_rl.engine.models import new_tiny_model
+from mlx_rl.engine.session import Reference
 
 ATOL = 1e-5  # float32; the same sums in a different order differ by ~1e-6
 

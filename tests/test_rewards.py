@@ -10,7 +10,7 @@ import pytest
 from mlx_rl.config import MlxRlError
 from mlx_rl.data.datasets import load_prompts
 from mlx_rl.data.rewards import load_rewards
-from mlx_rl.tasks import get_task
+from mlx_rl.data.tasks import get_task
 
 
 def error(fn, *args, **kwargs):
@@ -87,12 +87,19 @@ def test_exact_plus_tenth_chars_is_the_builtin_tasks_reward():
     np.testing.assert_allclose(s.total, ref, rtol=1e-6)
     assert s.total.max() > 1 and s.total.min() == 0  # exact hits and misses both present
 
-    task = get_task("addition")  # the same number as Task.reward on the task's own prompts
-    prompts = task.prompts("train", 50, seed=0)
-    answers = [task.correct_completion(p) for p in prompts]
+    # The built-in task's own rewards pay the same on its own rows: 1 for the exact answer + 0.1 per
+    # character in its right place, the answer worked out here from the prompt (reversed, zero-padded sum).
+    task = get_task("addition")
+    rows = task.train_rows(np.random.default_rng(0), 50, distinct=True)
+    prompts = [r["prompt"] for r in rows]
+    answers = [str(sum(int(x) for x in p[:-1].split("+"))).zfill(3)[::-1] for p in prompts]
+    assert [r["answer"] for r in rows] == answers
     guesses = [a if i % 3 == 0 else a[:2] + "9" for i, a in enumerate(answers)]
-    s = rs.score(prompts, guesses, {"answer": answers})
-    np.testing.assert_allclose(s.total, [task.reward(p, g) for p, g in zip(prompts, guesses)], rtol=1e-6)
+    columns = {k: [r[k] for r in rows] for k in ("answer", "kind")}
+    expected = [float(g == a) + 0.1 * sum(x == y for x, y in zip(g, a)) for g, a in zip(guesses, answers)]
+    assert len(set(expected)) > 1  # right answers and wrong last digits both present
+    np.testing.assert_allclose(task.rewards.score(prompts, guesses, columns).total, expected, rtol=1e-6)
+    np.testing.assert_allclose(rs.score(prompts, guesses, {"answer": answers}).total, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("completion, answer, numeric, lenient", [

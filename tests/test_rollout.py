@@ -8,15 +8,14 @@ tests allow 1e-5.
 
 from types import SimpleNamespace
 
-import mlx_rl  # noqa: F401
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.utils import _get_classes
 
-from mlx_rl.logprobs import completion_batch, token_logprobs
-from mlx_rl.models import new_tiny_model
-from mlx_rl.rollout import PaddedKVCache, batch_cache, distinct_rows, generate, top_p_filter
+from mlx_rl.engine.logprobs import completion_batch, token_logprobs, top_p_filter
+from mlx_rl.engine.models import new_tiny_model
+from mlx_rl.engine.sampling import PaddedKVCache, batch_cache, distinct_rows, generate
 
 ATOL = 1e-5
 PROMPTS = ["12+34=", "1+2=", "sort:5391=", "x", "12+34=", "1+2=", "12+34=", "hello"]
@@ -46,8 +45,12 @@ def teacher_forced(model, rollout, temperature=1.0):
     """Teacher-forced log-probs of the rollout's completion tokens, laid out like rollout.logprobs."""
     tokens, mask = completion_batch(rollout.prompt_ids, rollout.completion_ids, rollout.mask)
     logprobs, _ = token_logprobs(model, tokens, temperature)
-    logprobs, mask = np.array(logprobs), np.array(mask)
-    out = np.zeros(rollout.logprobs.shape, np.float32)
+    return teacher_forced_from(np.array(logprobs), np.array(mask), rollout.logprobs.shape)
+
+
+def teacher_forced_from(logprobs, mask, shape):
+    """(B, T-1) training-layout log-probs -> the rollout's (B, N) layout."""
+    out = np.zeros(shape, np.float32)
     for i in range(len(out)):
         picked = logprobs[i][mask[i] > 0]
         out[i, : len(picked)] = picked
@@ -119,6 +122,9 @@ def test_top_p_logprobs_are_of_the_truncated_distribution(micro):
             assert targets[i, t] in nucleus
             expected = logp[targets[i, t]] - np.logaddexp.reduce(logp[nucleus])
             assert abs(got[i, j] - expected) < ATOL
+    # training scores the sampled tokens under the same truncated distribution (logprobs.sampled_distribution)
+    trained, _ = token_logprobs(model, tokens, 1.0, top_p=top_p)
+    np.testing.assert_allclose(teacher_forced_from(np.array(trained), mask, got.shape), got, atol=ATOL)
 
 
 def test_top_p_filter_matches_numpy():

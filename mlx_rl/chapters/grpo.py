@@ -49,8 +49,8 @@ from mlx_rl.chapters import grpo_family as family
 from mlx_rl.engine import loop
 from mlx_rl.engine.evaluate import score_rows
 from mlx_rl.engine.logprobs import completion_batch, masked, token_logprobs
-from mlx_rl.engine.sampling import generate
-from mlx_rl.engine.session import LLMConfig, resolve_policy_model, start
+from mlx_rl.engine.sampling import generate, row_keys
+from mlx_rl.engine.session import LLMConfig, batch_check, resolve_policy_model, start
 from mlx_rl.engine.update import current_lr
 
 
@@ -97,13 +97,16 @@ def pad_columns(x, n, value=0):
     return np.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=value)
 
 
-def rollout_batch(session, rows, cfg, max_new_tokens):
-    """Sample a group per prompt, score it. Returns (rollout, group rows, rewards (P, G) Scores)."""
+def rollout_batch(session, rows, cfg, max_new_tokens, keys=None):
+    """Sample a group per prompt, score it. Returns (rollout, group rows, rewards (P, G) Scores).
+
+    keys: one random key per row (sampling.row_keys); by default drawn for these rows.
+    """
     G = cfg.group_size
     group_rows = [r for r in rows for _ in range(G)]  # (P*G,) each prompt G times, groups adjacent
     with session.timer("generate"):
         rollout = generate(session.model, session.tokenizer, group_rows, max_new_tokens, cfg.temperature,
-                           chat_template=cfg.chat_template)
+                           chat_template=cfg.chat_template, keys=keys)
     with session.timer("reward"):
         scores = score_rows(session.task, group_rows, rollout.texts)
     return rollout, group_rows, scores
@@ -114,9 +117,11 @@ def grpo_step(session, cfg, variant, update, max_new_tokens):
     world, timer, task = session.world, session.timer, session.task
     G, N = cfg.group_size, max_new_tokens
     pad_id = session.tokenizer.pad_token_id or 0
-    # Every rank draws the global batch of prompts (one RNG stream, as one process would) and keeps whole groups.
-    rows = world.shard(family.draw_prompts(session, cfg, variant))
-    rollout, group_rows, scores = rollout_batch(session, rows, cfg, N)
+    # Every rank draws the global batch of prompts (one RNG stream, as one process would) and keeps whole groups;
+    # each row samples from its own key, so the completions don't depend on how the batch is split.
+    all_rows = family.draw_prompts(session, cfg, variant)
+    keys = row_keys(len(all_rows) * G, world, rows_per_item=G)
+    rollout, group_rows, scores = rollout_batch(session, world.shard(all_rows), cfg, N, keys)
     rollout, group_rows, scores, refill_stats = family.refill(session, cfg, variant, rollout, group_rows, scores, N)  # DAPO
     with timer("reward"):
         rewards = scores.total.reshape(-1, G)  # (P, G) this rank's groups
@@ -183,7 +188,9 @@ def grpo_step(session, cfg, variant, update, max_new_tokens):
 
 def train(cfg):
     resolve_policy_model(cfg)
-    session = start("grpo", cfg)
+    session = start("grpo", cfg, precheck=batch_check(
+        cfg.prompts_per_step * cfg.group_size, cfg.max_new_tokens,
+        f"--prompts-per-step {cfg.prompts_per_step} x --group-size {cfg.group_size}"))
     N = cfg.max_new_tokens or session.task.max_new_tokens
     variant = family.make_variant(cfg, N)
     if cfg.max_new_tokens and cfg.max_new_tokens < session.task.max_new_tokens and not cfg.data:

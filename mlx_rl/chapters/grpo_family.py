@@ -99,12 +99,12 @@ def rloo_advantages(rewards):
 # --- ratios: (B, T) log-probs -> (B, T) ratios -----------------------------------------------------
 
 
-def token_ratio(logprobs, old_logprobs, mask):
-    """rho_it = pi(o_it) / pi_old(o_it): one importance ratio per token (PPO, GRPO)."""
-    return mx.exp(logprobs - old_logprobs)
+def token_ratio(log_ratio, mask):
+    """rho_it = pi(o_it) / pi_old(o_it) = exp(log pi - log pi_old): one importance ratio per token (PPO, GRPO)."""
+    return mx.exp(log_ratio)
 
 
-def sequence_ratio(logprobs, old_logprobs, mask):
+def sequence_ratio(log_ratio, mask):
     """GSPO: s_i = (pi(o_i) / pi_old(o_i))^(1 / |o_i|) = exp(mean_t log rho_it), one ratio per sequence.
 
     A per-token ratio is a one-sample importance weight for a distribution that
@@ -113,8 +113,8 @@ def sequence_ratio(logprobs, old_logprobs, mask):
     reward was given for: the whole completion. Broadcast to (B, T).
     """
     n = mx.maximum(mask.sum(axis=1, keepdims=True), 1.0)  # (B, 1)
-    mean_logratio = (logprobs - old_logprobs).sum(axis=1, keepdims=True) / n  # (B, 1): the inputs are masked already
-    return mx.broadcast_to(mx.exp(mean_logratio), logprobs.shape)
+    mean_logratio = log_ratio.sum(axis=1, keepdims=True) / n  # (B, 1): the inputs are masked already
+    return mx.broadcast_to(mx.exp(mean_logratio), log_ratio.shape)
 
 
 # --- objectives: per-token terms to maximise, and which tokens the clip touched ----------------------
@@ -213,29 +213,36 @@ class Variant:
     def loss(self, logprobs, old_logprobs, ref_logprobs, advantages, mask, kl_coef, n_rows, n_tokens):
         """-J and its metrics. Per-token arrays (B, T) (masked already), advantages (B,), counts global."""
         aggregate = AGGREGATE[self.loss_agg]
-        ratio = self.ratio_fn(logprobs, old_logprobs, mask)  # (B, T)
+        log_ratio = logprobs - old_logprobs  # (B, T)
+        ratio = self.ratio_fn(log_ratio, mask)  # (B, T)
         terms, clipped = self.objective_fn(ratio, advantages, logprobs, self.eps_low, self.eps_high)
         policy_loss = -aggregate(terms, mask, n_rows, n_tokens, self.length)
         loss, metrics = policy_loss, {"loss/policy": policy_loss}
         if kl_coef > 0:  # with kl_coef = 0 the reference log-probs are never looked at
             kl = aggregate(k3(masked(ref_logprobs - logprobs, mask)), mask, n_rows, n_tokens, self.length)
-            loss = policy_loss + kl_coef * kl
-            metrics.update({"loss/kl": kl_coef * kl, "kl/k3": kl})
+            kl_term = kl_coef * kl
+            loss = policy_loss + kl_term
+            metrics.update({"loss/kl": kl_term, "kl/k3": kl})  # (the loss's own nodes: see note below)
         token_share = lambda x: masked(x, mask).sum() / n_tokens  # noqa: E731  a share of the global token mean
+        token_level = ratio if self.ratio_fn is token_ratio else mx.exp(log_ratio)
         metrics.update({
             "policy/clipfrac": token_share(clipped.astype(mx.float32)),
             "policy/ratio_mean": token_share(ratio),
             "policy/ratio_min": mx.where(mask > 0, ratio, mx.inf).min(),
             "policy/ratio_max": mx.where(mask > 0, ratio, -mx.inf).max(),
-            "kl/approx": token_share(approx_kl(logprobs, old_logprobs)),
+            "kl/approx": token_share(approx_kl(log_ratio, token_level)),
         })
+        # Note: metrics reuse the loss's own nodes (kl_term, ratio): MLX 0.32's compiled value_and_grad fails
+        # with "_Map_base::at" when an output is a second copy of an expression inside the loss.
         return loss, metrics
 
 
-def approx_kl(logprobs, old_logprobs):
-    """kl/approx in every chapter: k3(log pi - log pi_old) on the rollout's tokens, which pi_old sampled,
-    so it estimates KL(pi_old || pi): how far this update has moved the policy from the one that sampled."""
-    return k3(logprobs - old_logprobs)
+def approx_kl(log_ratio, ratio=None):
+    """kl/approx in every chapter: k3 of log_ratio = log pi - log pi_old on the rollout's tokens, which pi_old
+    sampled, so it estimates KL(pi_old || pi): how far this update has moved the policy from the one that sampled.
+    k3(x) = (e^x - 1) - x; pass ratio = e^x when the loss has it already. (B, T) -> (B, T)"""
+    ratio = mx.exp(log_ratio) if ratio is None else ratio
+    return mx.stop_gradient((ratio - 1) - log_ratio)
 
 
 VARIANTS = {  # name: (advantages, ratio, objective, loss_agg, eps_low, eps_high, scale_std, dynamic sampling, overlong)

@@ -65,8 +65,8 @@ from mlx_rl.config import MlxRlError, command, option
 from mlx_rl.engine import loop
 from mlx_rl.engine.evaluate import score_rows
 from mlx_rl.engine.logprobs import completion_batch, masked, masked_mean, token_logprobs
-from mlx_rl.engine.sampling import generate
-from mlx_rl.engine.session import LLMConfig, resolve_policy_model, start
+from mlx_rl.engine.sampling import generate, row_keys
+from mlx_rl.engine.session import LLMConfig, batch_check, resolve_policy_model, start
 from mlx_rl.engine.update import current_lr
 from mlx_rl.runs import PhaseTimer
 
@@ -169,7 +169,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, n_tokens=Non
     """
     n_tokens = mask.sum() if n_tokens is None else n_tokens
     logprobs, old_logprobs, advantages = (masked(x, mask) for x in (logprobs, old_logprobs, advantages))
-    ratio = mx.exp(logprobs - old_logprobs)  # (B, T)
+    log_ratio = logprobs - old_logprobs  # (B, T)
+    ratio = mx.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * mx.clip(ratio, 1 - clip_eps, 1 + clip_eps)
     share = lambda x: masked(x, mask).sum() / n_tokens  # noqa: E731
@@ -177,7 +178,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, n_tokens=Non
     ratio = mx.stop_gradient(ratio)
     metrics = {
         "policy/clipfrac": share((clipped > unclipped).astype(mx.float32)),
-        "kl/approx": share(approx_kl(mx.stop_gradient(logprobs), old_logprobs)),  # KL(pi_old || pi), as in every chapter
+        "kl/approx": share(approx_kl(log_ratio, ratio)),  # KL(pi_old || pi), as in every chapter
         "policy/ratio_mean": share(ratio),
         "policy/ratio_min": mx.where(mask > 0, ratio, mx.inf).min(),
         "policy/ratio_max": mx.where(mask > 0, ratio, -mx.inf).max(),
@@ -185,18 +186,22 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, n_tokens=Non
     return loss, metrics
 
 
-def value_loss(values, old_values, returns, mask, value_clip):
-    """0.5 (V - R)^2, pessimistically clipped so V moves at most value_clip from the rollout's. (B, T) each."""
+def value_loss(values, old_values, returns, mask, value_clip, n_tokens=None):
+    """0.5 (V - R)^2, pessimistically clipped so V moves at most value_clip from the rollout's. (B, T) each.
+
+    n_tokens: the minibatch's token count over all ranks (default: this batch's).
+    """
+    n_tokens = mask.sum() if n_tokens is None else n_tokens
     values, old_values, returns = (masked(x, mask) for x in (values, old_values, returns))
     error = (values - returns) ** 2  # (B, T)
     if value_clip > 0:
         clipped = old_values + mx.clip(values - old_values, -value_clip, value_clip)
         clipped_error = (clipped - returns) ** 2
-        clipfrac = masked_mean((clipped_error > error).astype(mx.float32), mask)
+        clipfrac = masked((clipped_error > error).astype(mx.float32), mask).sum() / n_tokens
         error = mx.maximum(error, clipped_error)
     else:
         clipfrac = mx.array(0.0)
-    return 0.5 * masked_mean(error, mask), {"value/clipfrac": clipfrac}
+    return 0.5 * masked(error, mask).sum() / n_tokens, {"value/clipfrac": clipfrac}
 
 
 def explained_variance(values, returns, mask):
@@ -226,8 +231,8 @@ def make_policy_loss(clip_eps, temperature):
 
 
 def make_value_loss(value_clip):
-    def loss_fn(value_head, features, mask, old_values, returns):
-        return value_loss(value_head(features), old_values, returns, mask, value_clip)  # features: (B, T-1, H)
+    def loss_fn(value_head, features, mask, old_values, returns, n_tokens):
+        return value_loss(value_head(features), old_values, returns, mask, value_clip, n_tokens)  # features: (B, T-1, H)
 
     return loss_fn
 
@@ -250,37 +255,55 @@ def score_rollout(policy, value_head, tokens, chunks, temperature):
         logprobs.append(lp)
         values.append(value_head(hidden))
         features.append(hidden)
-    order = mx.argsort(mx.concatenate(chunks))  # back to rollout order
+    order = mx.argsort(mx.concatenate(chunks))  # back to the order of the rows scored
     return tuple(mx.concatenate(x, axis=0)[order] for x in (logprobs, values, features))
 
 
 def ppo_step(cfg, session, value_head, update_policy, update_value, kl_coef, step, max_new_tokens):
-    """Rollout, rewards, advantages, then epochs of minibatch updates. Returns the step's metrics."""
-    policy, tokenizer, task, rng, timer = session.model, session.tokenizer, session.task, session.rng, session.timer
+    """Rollout, rewards, advantages, then epochs of minibatch updates. Returns the step's metrics.
+
+    Data-parallel: each rank samples its share of the prompts, then every rank holds the
+    whole rollout (world.gather_rows), and each minibatch is split across the ranks, so
+    the minibatches are the single-process ones.
+    """
+    policy, tokenizer, task, rng, timer, world = (session.model, session.tokenizer, session.task, session.rng,
+                                                  session.timer, session.world)
     rows = task.train_rows(np.random.default_rng([int(rng.integers(2**31)), 0]), cfg.rollout_batch, distinct=True)
+    keys = row_keys(len(rows), world)
+    mine = world.shard(rows)
+    pad_id = tokenizer.pad_token_id or 0
     with timer("generate"):
-        rollout = generate(policy, tokenizer, rows, max_new_tokens, cfg.temperature, chat_template=cfg.chat_template)
+        rollout = generate(policy, tokenizer, mine, max_new_tokens, cfg.temperature, chat_template=cfg.chat_template,
+                           keys=keys)
     with timer("reward"):
-        scored = score_rows(task, rows, rollout.texts)
-        scores = mx.array(scored.total)  # (B,)
+        scored = score_rows(task, mine, rollout.texts)
         tokens, mask, sampler_logprobs = completion_batch(rollout.prompt_ids, rollout.completion_ids, rollout.mask,
-                                                          tokenizer.pad_token_id or 0, values=rollout.logprobs)
+                                                          pad_id, values=rollout.logprobs)
+        tokens, mask, sampler_logprobs = (world.gather_rows(tokens, pad_id), world.gather_rows(mask),
+                                          world.gather_rows(sampler_logprobs))
+        scores = world.gather_rows(mx.array(scored.total))  # (B,)
         mx.eval(scores, tokens, mask, sampler_logprobs)
     B = tokens.shape[0]
     first_epoch = minibatches(rng, B, cfg.minibatch_size)
     taken = np.zeros(B, dtype=bool)
     taken[np.array(mx.concatenate(first_epoch))] = True
     rest = np.flatnonzero(~taken)  # rows no full minibatch took
+    chunks = [world.shard(idx) for idx in first_epoch + ([mx.array(rest)] if len(rest) else [])]
     with timer("score"):  # log-probs and values of the rollout before any update: pi_old and V_old
-        old_logprobs, old_values, features = score_rollout(
-            policy, value_head, tokens, first_epoch + ([mx.array(rest)] if len(rest) else []), cfg.temperature)
+        old_logprobs, old_values, features = score_rollout(policy, value_head, tokens, chunks, temperature=cfg.temperature)
+        if cfg.kl_coef > 0:
+            ref_logprobs = mx.concatenate([session.reference.logprobs(tokens[idx], cfg.temperature) for idx in chunks])
+            ref_logprobs = ref_logprobs[mx.argsort(mx.concatenate(chunks))]
+        else:
+            ref_logprobs = old_logprobs
+        # every rank scored its share of each minibatch (returned sorted by row): rollout order, on every rank
+        order = mx.argsort(world.gather_rows(mx.sort(mx.concatenate(chunks))))
+        old_logprobs, old_values, features, ref_logprobs = (
+            world.gather_rows(x)[order] for x in (old_logprobs, old_values, features, ref_logprobs))
         old_logprobs = masked(old_logprobs, mask)
-        mx.eval(old_logprobs, old_values, features)
-    with timer("reference"):
-        ref_logprobs = session.reference.logprobs(tokens, cfg.temperature) if cfg.kl_coef > 0 else old_logprobs
-        logr = masked(ref_logprobs - old_logprobs, mask)  # (B, T-1) log pi_ref - log pi
-        mx.eval(logr)
+        mx.eval(old_logprobs, old_values, features, ref_logprobs)
     with timer("advantages"):
+        logr = masked(ref_logprobs - old_logprobs, mask)  # (B, T-1) log pi_ref - log pi
         kl_per_token = k1(logr)  # (B, T-1)
         rewards = token_rewards(scores, kl_per_token, mask, kl_coef)  # (B, T-1)
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
@@ -311,25 +334,31 @@ def ppo_step(cfg, session, value_head, update_policy, update_value, kl_coef, ste
     if step >= cfg.value_warmup:  # the policy: clipped steps on shuffled minibatches, several epochs
         for epoch in range(cfg.epochs):
             for idx in first_epoch if epoch == 0 else minibatches(rng, B, cfg.minibatch_size):
-                n_tokens = mask[idx].sum()
+                n_tokens = mask[idx].sum()  # the whole minibatch's: each rank's loss is its share
+                idx = world.shard(idx)
                 loss, metrics, grad_norm = update_policy(tokens[idx], mask[idx], old_logprobs[idx], advantages[idx], n_tokens)
-                metrics = {k: v.item() for k, v in metrics.items()}
+                metrics = world.reduce_metrics({k: v.item() for k, v in metrics.items()})
                 ratio_min, ratio_max = min(ratio_min, metrics.pop("policy/ratio_min")), max(ratio_max, metrics.pop("policy/ratio_max"))
                 add({**metrics, "loss/policy": loss.item(), "optim/grad_norm": grad_norm.item()})
     for _ in range(cfg.value_epochs):  # the critic: regression on cached features, cheap (timed as time/value_s)
         for idx in minibatches(rng, B, cfg.minibatch_size):
-            loss, metrics, _ = update_value(features[idx], mask[idx], old_values[idx], returns[idx])
-            add({"loss/value": loss.item(), "value/clipfrac": metrics["value/clipfrac"].item()})
+            n_tokens = mask[idx].sum()
+            idx = world.shard(idx)
+            loss, metrics, _ = update_value(features[idx], mask[idx], old_values[idx], returns[idx], n_tokens)
+            add({"loss/value": loss.item(), **world.reduce_metrics({"value/clipfrac": metrics["value/clipfrac"].item()})})
 
     row = {k: v.item() for k, v in stats.items()}
     row.update({k: sums[k] / counts[k] for k in sums})
+    all_scores = world.gather(np.asarray(scored.total))
     row.update({
-        **scored.metrics(),
-        "policy/completion_len": float(np.array(rollout.lengths).mean()),
+        "reward/mean": float(all_scores.mean()),
+        "reward/std": float(all_scores.std()),
+        **{f"reward/{name}": float(np.nanmean(world.gather(scored.per_reward[name]))) for name in scored.names},
+        "policy/completion_len": float(masked(mx.ones_like(mask), mask).sum().item() / B),
         "kl/coef": kl_coef,
     })
     if task.rewards.is_verifier():
-        row["train/accuracy"] = scored.accuracy
+        row["train/accuracy"] = row[f"reward/{scored.names[0]}"]
     if ratio_min != float("inf"):
         row.update({"policy/ratio_min": ratio_min, "policy/ratio_max": ratio_max})
     return row
@@ -351,7 +380,8 @@ def load_value_head(value_head, ckpt):
 
 def train(cfg):
     resolve_policy_model(cfg)
-    session = start("ppo", cfg)
+    session = start("ppo", cfg, precheck=batch_check(cfg.rollout_batch, cfg.max_new_tokens,
+                                                     f"--rollout-batch {cfg.rollout_batch}"))
     policy, task = session.model, session.task
     N = cfg.max_new_tokens or task.max_new_tokens
     value_head = ValueHead(policy.args.hidden_size)

@@ -246,7 +246,7 @@ def build_pairs(model, tokenizer, task, rows, samples_per_prompt, temperature=1.
     import numpy as np
 
     from mlx_rl.engine.evaluate import score_rows
-    from mlx_rl.engine.sampling import generate
+    from mlx_rl.engine.sampling import generate, row_keys
     from mlx_rl.runs import PhaseTimer
 
     timer = timer or PhaseTimer()
@@ -254,11 +254,12 @@ def build_pairs(model, tokenizer, task, rows, samples_per_prompt, temperature=1.
     pad_id = tokenizer.pad_token_id or 0
     mine = world.shard(rows) if world is not None else rows
     repeated = [r for r in mine for _ in range(k)]  # (P * k,) each prompt k times in a row
+    keys = row_keys(len(rows) * k, world, rows_per_item=k)  # each answer its own random stream
     ids, masks, texts, prompt_ids = [], [], [], []
     with timer("generate"):
         for start in range(0, len(repeated), chunk):
             r = generate(model, tokenizer, repeated[start : start + chunk], N, temperature=temperature,
-                         chat_template=chat_template)
+                         chat_template=chat_template, keys=keys[start : start + chunk])
             n = r.completion_ids.shape[1]
             ids += [row + [pad_id] * (N - n) for row in np.array(r.completion_ids).tolist()]
             masks += [row + [0] * (N - n) for row in np.array(r.mask).astype(int).tolist()]

@@ -19,6 +19,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_rl.config import MlxRlError
+from mlx_rl.engine import faults
 from mlx_rl.runs import dumps, fsync_tree, swap_in_checkpoint, temp_dir_beside
 
 
@@ -54,6 +55,7 @@ def save_checkpoint(path, model, tokenizer, config, trainer_state=None, optimize
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp / name).write_text(text)
     fsync_tree(tmp)
+    faults.reached("mid_save")
     swap_in_checkpoint(tmp, path)
 
 

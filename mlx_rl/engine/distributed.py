@@ -11,16 +11,30 @@ the summed gradient is exactly the single-process one. Metrics and held-out
 evaluations are reduced the same way, so the log shows global figures. Only
 rank 0 writes the run directory.
 
+A rank that fails prints its own one-line error (prefixed with its rank) and
+exits; the others see their next collective fail ("connection to a peer was
+lost") and stop with one line naming the failure. A rank that hangs instead
+(alive but silent) is caught by a watchdog on every rank: no step finished
+within MLX_RL_RANK_TIMEOUT seconds (default 900) stops the run.
+
 Outside the launcher `World` is a world of one, and every method is a no-op.
 """
 
 import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_rl.config import MlxRlError
+
+
+class RankFailed(MlxRlError):
+    exit_code = 4
 
 
 class World:
@@ -31,6 +45,39 @@ class World:
         self.rank = group.rank() if group is not None else 0
         self.size = group.size() if group is not None else 1
         self.backend = backend
+        self.last_progress = time.monotonic()
+
+    @contextmanager
+    def guard(self):
+        """Around the training loop: a collective that fails because another rank died becomes one line,
+        and a watchdog stops this rank if no step finishes for MLX_RL_RANK_TIMEOUT seconds."""
+        if self.size == 1:
+            yield
+            return
+        timeout = float(os.environ.get("MLX_RL_RANK_TIMEOUT", "900"))
+        done = threading.Event()
+
+        def watchdog():
+            while not done.wait(5.0):
+                if time.monotonic() - self.last_progress > timeout:
+                    print(f"error (rank {self.rank} of {self.size}): no step finished in {timeout:.0f} s; another rank "
+                          "is stuck or unreachable; stopping", file=sys.stderr, flush=True)
+                    os._exit(RankFailed.exit_code)
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        try:
+            yield
+        except RuntimeError as e:
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "ring" in text or "peer" in text or "connection" in text.lower() or "socket" in text.lower():
+                raise RankFailed(f"rank {self.rank} of {self.size}: stopped, another rank failed ({text})") from None
+            raise
+        finally:
+            done.set()
+
+    def progress(self):
+        """A step finished: the watchdog's clock starts again."""
+        self.last_progress = time.monotonic()
 
     @classmethod
     def from_launcher(cls):
@@ -51,6 +98,24 @@ class World:
             return rows
         n = len(rows)
         return rows[self.rank * n // self.size : (self.rank + 1) * n // self.size]
+
+    def gather_rows(self, x, pad_value=0):
+        """Every rank's block of rows of an mx array, concatenated in rank order. (b, T, ...) -> (B, T_max, ...)
+
+        Blocks may differ in rows and in their second axis (prompts of other lengths): they are padded
+        with pad_value to the longest first.
+        """
+        if self.size == 1:
+            return x
+        shape = np.array(mx.distributed.all_gather(mx.array([x.shape[0]] + list(x.shape[1:2]), dtype=mx.int32)[None],
+                                                   group=self.group))  # (W, 1 or 2)
+        rows, longest = shape[:, 0], int(shape[:, 1].max()) if x.ndim > 1 else None
+        pad = [(0, int(rows.max()) - x.shape[0])] + ([(0, longest - x.shape[1])] if x.ndim > 1 else [])
+        pad += [(0, 0)] * (x.ndim - len(pad))
+        padded = mx.pad(x, pad, constant_values=pad_value)
+        gathered = mx.distributed.all_gather(padded, group=self.group)
+        n = int(rows.max())
+        return mx.concatenate([gathered[r * n : r * n + int(rows[r])] for r in range(self.size)], axis=0)
 
     def gather(self, values):
         """The global array from each rank's block of rows (rank order is row order). (b, ...) -> (B, ...)"""

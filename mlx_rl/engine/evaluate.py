@@ -19,7 +19,7 @@ are added up (`world.sum`), so every rank reports the same global figures.
 
 import numpy as np
 
-from mlx_rl.engine.sampling import generate
+from mlx_rl.engine.sampling import generate, row_keys
 
 
 def score_rows(task, rows, texts):
@@ -87,10 +87,11 @@ def evaluate_pass_at_k(model, tokenizer, task, rows, ks, n=None, temperature=1.0
     mine = world.shard(rows) if world is not None else rows
     correct = np.zeros(len(mine), dtype=np.int64)
     repeated = [r for r in mine for _ in range(n)]  # (P * n,) each prompt n times, adjacent
+    keys = row_keys(len(rows) * n, world, rows_per_item=n)
     texts = []
     for i in range(0, len(repeated), chunk):
         texts += generate(model, tokenizer, repeated[i : i + chunk], task.max_new_tokens, temperature=temperature,
-                          chat_template=chat_template).texts
+                          chat_template=chat_template, keys=keys[i : i + chunk]).texts
     if mine:
         first = score_rows(task, repeated, texts).per_reward[task.rewards.names[0]]  # (P * n,)
         correct = (np.nan_to_num(first) >= 1.0).reshape(len(mine), n).sum(axis=1)

@@ -23,6 +23,7 @@ import threading
 import time
 
 from mlx_rl.config import MlxRlError
+from mlx_rl.engine import faults
 from mlx_rl.engine.live import LiveLine, accuracy_summary, fmt_duration, sample_lines
 from mlx_rl.engine.session import peak_memory_gb
 from mlx_rl.engine.update import NonFinite
@@ -75,7 +76,7 @@ def run(session, step, *, steps, signals, chapter_state=None, chapter_arrays=Non
     last_save = time.perf_counter()
     stop = StopFlag()
     try:
-        with stop.on_sigint(live):
+        with stop.on_sigint(live), session.world.guard():
             while i < total():
                 session.seed_step(i)  # MLX's sampling RNG from (seed, step): --resume samples the same tokens
                 try:
@@ -97,11 +98,14 @@ def run(session, step, *, steps, signals, chapter_state=None, chapter_arrays=Non
                 row.update(session.timer.pop())
                 row["perf/peak_memory_gb"] = peak_memory_gb()
                 last_row = run_dir.log(i, row)  # on disk before any checkpoint claims step i
+                faults.reached("after_log")
                 minutes = (time.perf_counter() - last_save) / 60
                 if (finishing or eval_when(i) or (cfg.save_every and i % cfg.save_every == 0)
                         or (cfg.save_minutes and minutes >= cfg.save_minutes) or stop.requested):
                     save(i, finished=finishing)
                     last_save = time.perf_counter()
+                session.world.progress()
+                live.total = total()
                 live.update(i, row)
                 if stop.requested and not finishing:
                     live.close()

@@ -185,11 +185,34 @@ def distinct_rows(prompt_ids):
     return distinct, rows
 
 
-def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, chat_template=False, prompt_ids=None):
+def row_keys(n, world=None, rows_per_item=1):
+    """One random key per row of a global batch of n rows, this rank's share of them. (n_local, 2)
+
+    The base key is drawn from MLX's global RNG, which every rank seeds the same way at
+    every step, so row b of the global batch gets the same key whatever the world size:
+    a 2-process run samples the same completions as a 1-process run. rows_per_item:
+    rows come in groups (GRPO: G per prompt) that must stay together on one rank.
+    """
+    base = mx.random.key(int(mx.random.randint(0, 2**31 - 1, ()).item()))
+    keys = mx.random.split(base, n)  # (n, 2)
+    if world is None or world.size == 1:
+        return keys
+    items = keys.reshape(n // rows_per_item, rows_per_item, 2)
+    return world.shard(items).reshape(-1, 2)
+
+
+_split_keys = mx.vmap(lambda k: mx.random.split(k, 2))  # (B, 2) -> (B, 2, 2): one key to use, one to keep
+_categorical = mx.vmap(lambda k, logprobs: mx.random.categorical(logprobs, key=k))  # a row's own key per row
+
+
+def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, chat_template=False, prompt_ids=None,
+             keys=None):
     """Sample one completion per prompt (repeat prompts for groups). Returns a Rollout.
 
     prompts: strings or dataset rows (see encode_prompts). prompt_ids, if given, are
     used as they are (then `prompts` may be None and is decoded for display).
+    keys: (B, 2) one random key per row (`row_keys`); each row samples from its own
+    key stream, so its completion does not depend on which other rows share the batch.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -210,12 +233,16 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
         logits = logits[mx.array(rows)]  # (B, V)
     B = logits.shape[0]
 
+    if temperature > 0 and keys is None:
+        keys = row_keys(B)
     finished = mx.zeros((B,), dtype=mx.bool_)
     out_tokens, out_logprobs, out_mask = [], [], []
     for step in range(max_new_tokens):
         logprobs = sampled_distribution(logits, temperature, top_p)  # (B, V)
         if temperature > 0:
-            token = mx.random.categorical(logprobs, axis=-1)  # (B,)
+            split = _split_keys(keys)  # (B, 2, 2)
+            token = _categorical(split[:, 0], logprobs)  # (B,)
+            keys = split[:, 1]
         else:
             token = mx.argmax(logprobs, axis=-1)
         token = token.astype(mx.int32)
@@ -228,7 +255,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
         if step == max_new_tokens - 1:
             break
         logits = model(token[:, None], cache=cache)[:, -1, :]  # (B, V)
-        mx.async_eval(logits, finished, out_tokens[-1], out_logprobs[-1])
+        mx.async_eval(logits, finished, out_tokens[-1], out_logprobs[-1], *([keys] if keys is not None else []))
         if finished.all().item():  # the one sync per step; stops as soon as every row is done
             break
 

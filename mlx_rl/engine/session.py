@@ -23,6 +23,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mlx_rl.config import MlxRlError, RunConfig, option
 from mlx_rl.data.tasks import TaskConfig, make_task
@@ -250,8 +251,12 @@ def setup_lora(model, cfg, verbose=True):
     return adapter_config
 
 
-def start(command, cfg, mistake_rate=0.75, corpus=False):
-    """Create (or reopen with --resume) the run and load its model: one path for every chapter."""
+def start(command, cfg, mistake_rate=0.75, corpus=False, precheck=None):
+    """Create (or reopen with --resume) the run and load its model: one path for every chapter.
+
+    precheck(model, tokenizer, model_config, task, world) runs after the model is loaded and
+    before anything is written (a chapter's batch-size check: `batch_check`).
+    """
     world = World.from_launcher()
     # 1. the task: data and rewards checked before anything is loaded or written
     task = make_task(cfg, mistake_rate, corpus)
@@ -285,6 +290,8 @@ def start(command, cfg, mistake_rate=0.75, corpus=False):
     if lora_resume:
         lora.load_adapter_weights(model, ckpt / "adapters")
     world.check_same_weights(model)
+    if precheck is not None:
+        precheck(model, tokenizer, model_config, task, world)
 
     # 4. the run directory, written only now
     runtime = {**speed.runtime(), "world_size": world.size, "backend": world.backend}
@@ -312,6 +319,52 @@ def more_to_do(cfg, state):
     if hasattr(cfg, "more_to_do"):
         return cfg.more_to_do(state)
     return cfg.steps > state["step"]
+
+
+def check_memory(model, model_config, rows, tokens_per_row, what):
+    """Refuse, in one line, a batch whose training pass can't fit in memory (instead of a crash mid-run).
+
+    A rough upper estimate of one forward + backward over `rows` x `tokens_per_row`
+    tokens: float32 logits with their softmax and gradient (about 12 bytes per
+    vocabulary entry per token) and the activations kept for the backward (about
+    40 bytes per hidden unit per layer per token), plus the weights and Adam state.
+    """
+    vocab = model_config.get("vocab_size", 0)
+    hidden = model_config.get("hidden_size", 0)
+    layers = model_config.get("num_hidden_layers", 0)
+    tokens = rows * tokens_per_row
+    need = tokens * (12 * vocab + 40 * hidden * layers) + 16 * sum(v.size for _, v in tree_flatten(model.parameters()))
+    have = available_memory_bytes()
+    if have and need > have:
+        raise MlxRlError(f"{what}: {rows:,} rows x {tokens_per_row} tokens need about {need / 1e9:.1f} GB for one "
+                         f"training pass, more than the {have / 1e9:.1f} GB available; make the batch smaller")
+
+
+def batch_check(rows, new_tokens, what):
+    """A start() precheck: the memory of a batch of `rows` completions of `new_tokens` (0: the task's) after its prompts."""
+
+    def check(model, tokenizer, model_config, task, world):
+        sample = task.train_rows(np.random.default_rng(0), 8)
+        prompt_len = max(len(tokenizer.encode(r["prompt"] if isinstance(r["prompt"], str) else str(r["prompt"])))
+                         for r in sample) if sample else 0
+        check_memory(model, model_config, max(rows // world.size, 1), prompt_len + (new_tokens or task.max_new_tokens), what)
+
+    return check
+
+
+def available_memory_bytes():
+    """Memory this process can still use: MemAvailable on Linux, the device's memory on Metal; None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        info = mx.metal.device_info() if mx.metal.is_available() else {}
+        return info.get("max_recommended_working_set_size") or info.get("memory_size")
+    except Exception:
+        return None
 
 
 def peak_memory_gb():
