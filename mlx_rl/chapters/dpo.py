@@ -99,8 +99,10 @@ class DPOConfig(LLMConfig):
             raise MlxRlError("--label-smoothing applies to the sigmoid loss only")
 
     def more_to_do(self, state):
-        """A finished DPO run has more to do when --rounds (or --steps, if it was the limit) was raised."""
-        rounds_left = not self.pairs and state.get("chapter", {}).get("round", 0) < self.rounds
+        """A finished DPO run has more to do when --rounds (or --steps, if it was the limit) was raised.
+        (With --pairs there is one round: a run stopped by --steps mid-round has its batches left.)"""
+        rounds = 1 if self.pairs else self.rounds
+        rounds_left = state.get("chapter", {}).get("round", 0) < rounds
         return rounds_left and (not self.steps or self.steps > state["step"])
 
 

@@ -55,7 +55,7 @@ from mlx_rl.engine.update import current_lr
 
 
 @dataclasses.dataclass
-class GRPOConfig(LLMConfig, family.VariantConfig):
+class GRPOConfig(LLMConfig, family.VariantConfig, family.PassAtKConfig):
     steps: int = option(60, "number of GRPO steps (one rollout batch each)", min=1, resumable=True)
     group_size: int = option(8, "completions sampled per prompt (G)", min=2)
     prompts_per_step: int = option(32, "prompts per step (the batch is prompts_per_step x group_size)", min=1)
@@ -192,7 +192,7 @@ def train(cfg):
         cfg.prompts_per_step * cfg.group_size, cfg.max_new_tokens,
         f"--prompts-per-step {cfg.prompts_per_step} x --group-size {cfg.group_size}"))
     N = cfg.max_new_tokens or session.task.max_new_tokens
-    variant = family.make_variant(cfg, N)
+    variant = family.make_variant(cfg, N, answer_len=0 if cfg.data else session.task.max_new_tokens)
     if cfg.max_new_tokens and cfg.max_new_tokens < session.task.max_new_tokens and not cfg.data:
         print(f"note: --max-new-tokens {cfg.max_new_tokens} is shorter than the task's answer ({session.task.max_new_tokens})")
     optimizer = session.optimizer(cfg.lr, cfg.steps, cfg.warmup)

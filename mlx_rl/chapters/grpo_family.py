@@ -22,6 +22,11 @@ A variant is a named choice of parts, not a branch inside one long loss:
 Each part's option can be set on its own (`--clip-eps-high 0.28 --loss-agg token`
 on top of `--variant grpo`); an unset option takes the variant's choice.
 
+One part is shared, not chosen: the k3 KL penalty to the reference (--kl-coef,
+aggregated like the policy term), so that comparing two variants changes only
+their parts. DAPO, Dr. GRPO, GSPO and CISPO train without it: add --kl-coef 0
+to run them as published.
+
 Papers: Shao et al. 2024 (GRPO); Liu et al. 2025, "Understanding R1-Zero-Like
 Training" (Dr. GRPO); Yu et al. 2025, "DAPO"; Zheng et al. 2025, "Group
 Sequence Policy Optimization" (GSPO); MiniMax 2025, "MiniMax-M1" (CISPO);
@@ -44,13 +49,24 @@ from mlx_rl.chapters.kl import k3  # (r - 1) - log r: per-token estimate of KL(p
 
 
 @dataclasses.dataclass
+class PassAtKConfig:
+    """pass@k at the start and the end of an RL run (GRPO, PPO), in summary.json's details.pass_at_k."""
+
+    pass_k: typing.Tuple[str, ...] = option(("1", "8"), "pass@k at the start and end of the run, k comma-separated "
+                                            "(sampled at temperature 1; empty: skip)")
+    pass_k_prompts: int = option(200, "held-out prompts for pass@k", min=1)
+
+
+@dataclasses.dataclass
 class VariantConfig:
     variant: str = option("grpo", "the loss: grpo, dr_grpo, dapo, gspo, cispo or rloo (docs/grpo-family.md)",
                           choices=["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo"])
-    clip_eps: typing.Optional[float] = option(None, "lower clip: the ratio may fall to 1 - eps (default: the variant's; "
-                                              "0.2, GSPO 3e-4)", above=0.0)
+    clip_eps: typing.Optional[float] = option(None, "lower clip: the ratio may fall to 1 - eps; in grpo, dr_grpo and "
+                                              "rloo it sets the upper clip too (default: the variant's; 0.2, GSPO "
+                                              "3e-4, CISPO none)", above=0.0)
     clip_eps_high: typing.Optional[float] = option(None, "upper clip: the ratio may rise to 1 + eps_high (default: "
-                                                   "the variant's; 0.2, DAPO and CISPO 0.28, GSPO 4e-4)", above=0.0)
+                                                   "the variant's; --clip-eps, DAPO and CISPO 0.28, GSPO 4e-4)",
+                                                   above=0.0)
     scale_std: typing.Optional[bool] = option(None, "divide advantages by the group's reward std (default: the "
                                               "variant's; off in Dr. GRPO and RLOO)")
     loss_agg: typing.Optional[str] = option(None, "average per-token terms per sequence, over all tokens, or over a "
@@ -59,10 +75,8 @@ class VariantConfig:
     dynamic_sampling: typing.Optional[bool] = option(None, "refill the batch with groups that carry signal (default: "
                                                      "on in DAPO)")
     overlong_buffer: typing.Optional[int] = option(None, "soft overlong penalty over the last N tokens before "
-                                                   "--max-new-tokens (default: DAPO a quarter of it, others 0)", min=0)
-    pass_k: typing.Tuple[str, ...] = option(("1", "8"), "pass@k at the start and end of the run, k comma-separated "
-                                            "(sampled at temperature 1; empty: skip)")
-    pass_k_prompts: int = option(200, "held-out prompts for pass@k", min=1)
+                                                   "--max-new-tokens (default: DAPO a quarter of it, but never over "
+                                                   "a built-in task's answer length; others 0)", min=0)
 
 
 # --- advantages: rewards (P, G) -> advantages (P, G), zero_signal (P,) ----------------------------
@@ -72,8 +86,9 @@ def group_advantages(rewards, scale_std=True, eps=1e-4):
     """GRPO: A_i = (r_i - mean(r)) / (std(r) + eps), over each prompt's group.
 
     A group whose rewards are all equal carries no signal: its advantages are exactly 0.
-    Dr. GRPO (scale_std=False) drops the division: it up-weights groups that are nearly
-    all right or all wrong, a bias toward easy and hopeless prompts.
+    The division up-weights groups whose rewards hardly differ (nearly all right or all
+    wrong: a bias toward easy and hopeless prompts); Dr. GRPO (scale_std=False) drops it,
+    A_i = r_i - mean(r).
     """
     rewards = np.asarray(rewards, dtype=np.float32)
     zero_signal = rewards.max(axis=1) == rewards.min(axis=1)  # (P,)
@@ -84,14 +99,18 @@ def group_advantages(rewards, scale_std=True, eps=1e-4):
     return advantages, zero_signal
 
 
-def rloo_advantages(rewards):
-    """RLOO: A_i = r_i - mean_{j != i} r_j, the leave-one-out baseline (it never includes r_i itself,
-    so it is an unbiased baseline): equals G / (G - 1) x (r_i - mean(r))."""
+def rloo_advantages(rewards, scale_std=False, eps=1e-4):
+    """RLOO: A_i = r_i - 1/(G-1) sum_{j != i} r_j, the leave-one-out baseline: it never includes r_i
+    itself, so it does not depend on the sample it judges and the estimate stays unbiased (GRPO's
+    mean includes r_i, which shrinks every advantage by (G-1)/G). Equals G / (G-1) x (r_i - mean(r)).
+    scale_std (off in RLOO) divides by the group's reward std, as GRPO does."""
     rewards = np.asarray(rewards, dtype=np.float32)
     G = rewards.shape[1]
     zero_signal = rewards.max(axis=1) == rewards.min(axis=1)
-    others = (rewards.sum(axis=1, keepdims=True) - rewards) / (G - 1)  # (P, G)
+    others = (rewards.sum(axis=1, keepdims=True) - rewards) / (G - 1)  # (P, G) mean of the other G-1
     advantages = rewards - others
+    if scale_std:
+        advantages = advantages / (rewards.std(axis=1, keepdims=True) + eps)
     advantages[zero_signal] = 0.0
     return advantages, zero_signal
 
@@ -110,7 +129,9 @@ def sequence_ratio(log_ratio, mask):
     A per-token ratio is a one-sample importance weight for a distribution that
     changes token by token, so its noise grows with length and single tokens get
     clipped for no reason; the sequence's geometric mean is a ratio of what the
-    reward was given for: the whole completion. Broadcast to (B, T).
+    reward was given for: the whole completion. Broadcast to (B, T). A geometric
+    mean moves far less than a token's ratio, hence GSPO's tiny clip range
+    (1 - 3e-4, 1 + 4e-4); its gradient is s_i x mean_t d log pi(o_it).
     """
     n = mx.maximum(mask.sum(axis=1, keepdims=True), 1.0)  # (B, 1)
     mean_logratio = log_ratio.sum(axis=1, keepdims=True) / n  # (B, 1): the inputs are masked already
@@ -139,8 +160,9 @@ def cispo_objective(ratio, advantages, logprobs, eps_low, eps_high):
     PPO's clip *drops* a token's gradient once its ratio leaves the range, and the
     rare tokens that open a new line of reasoning are exactly the ones that do. CISPO
     clips the importance weight instead and keeps every token's gradient, A d log pi,
-    scaled by the (stopped) weight. (Only the upper bound is tuned in the paper; the
-    lower defaults to no bound here: eps_low is ignored unless it is below 1.)
+    scaled by the (stopped) weight. The paper sets no lower bound and tunes only the
+    upper one: eps_low defaults to 1 (no bound; it is ignored unless below 1) and
+    eps_high to 0.28, DAPO's upper clip, as verl's CISPO does.
     """
     lower = 1.0 - eps_low if eps_low < 1.0 else 0.0
     weight = mx.stop_gradient(mx.clip(ratio, lower, 1.0 + eps_high))  # (B, T)
@@ -177,8 +199,15 @@ AGGREGATE = {"sequence": sequence_mean, "token": token_mean, "constant": constan
 
 
 def overlong_penalty(lengths, max_len, buffer):
-    """DAPO's soft overlong punishment: 0 up to max_len - buffer tokens, then falling linearly to -1 at max_len.
-    (A completion cut at the limit is only a truncated answer: a hard -1 for it would punish good reasoning.)"""
+    """DAPO's soft overlong punishment, added to the reward: with L_max = max_len and L_cache = buffer,
+
+        R_length(y) = 0                                  |y| <= L_max - L_cache
+                      ((L_max - L_cache) - |y|) / L_cache   L_max - L_cache < |y| <= L_max
+
+    i.e. 0 up to max_len - buffer tokens, then falling linearly to -1 at max_len (|y| counts EOS).
+    It fixes reward noise: a hard -1 for every truncated completion punishes reasoning that was
+    sound but long; the ramp tells the model it is getting too long before it is cut off. The
+    buffer must lie beyond the length a right answer needs, or right answers are punished."""
     lengths = np.asarray(lengths, dtype=np.float32)
     if buffer <= 0:
         return np.zeros_like(lengths)
@@ -203,9 +232,7 @@ class Variant:
     length: int  # the constant aggregation's L (max new tokens)
 
     def advantages(self, rewards):
-        if self.advantage_fn is group_advantages:
-            return group_advantages(rewards, self.scale_std)
-        return self.advantage_fn(rewards)
+        return self.advantage_fn(rewards, self.scale_std)
 
     def overlong_penalty(self, lengths, max_len):
         return overlong_penalty(lengths, max_len, self.overlong_buffer)
@@ -255,18 +282,26 @@ VARIANTS = {  # name: (advantages, ratio, objective, loss_agg, eps_low, eps_high
 }
 
 
-def make_variant(cfg, max_new_tokens=None):
+def make_variant(cfg, max_new_tokens=None, answer_len=0):
+    """The variant cfg names, each option the user left unset taking the variant's choice.
+
+    answer_len: the longest right answer, where the task knows it (a built-in task's answer
+    and EOS): the default overlong buffer stops short of it, so that right answers are never
+    punished for their length (with the default --max-new-tokens it is 0: no penalty at all).
+    """
     if cfg.variant not in VARIANTS:
         raise MlxRlError(f"unknown --variant {cfg.variant} (choose from {', '.join(VARIANTS)})")
     adv, ratio, objective, agg, eps_low, eps_high, scale_std, dynamic, overlong = VARIANTS[cfg.variant]
     length = max_new_tokens or cfg.max_new_tokens or 1
     pick = lambda value, default: default if value is None else value  # noqa: E731
+    symmetric = eps_low == eps_high  # grpo, dr_grpo, rloo: --clip-eps alone sets both edges
+    low = pick(cfg.clip_eps, eps_low)
+    buffer = min(int(round(overlong * length)), max(length - answer_len, 0))
     return Variant(
         name=cfg.variant, advantage_fn=adv, ratio_fn=ratio, objective_fn=objective,
-        loss_agg=pick(cfg.loss_agg, agg), eps_low=pick(cfg.clip_eps, eps_low),
-        eps_high=pick(cfg.clip_eps_high, pick(cfg.clip_eps, eps_high) if cfg.variant in ("grpo", "dr_grpo", "rloo") else eps_high),
+        loss_agg=pick(cfg.loss_agg, agg), eps_low=low, eps_high=pick(cfg.clip_eps_high, low if symmetric else eps_high),
         scale_std=pick(cfg.scale_std, scale_std), dynamic_sampling=pick(cfg.dynamic_sampling, dynamic),
-        overlong_buffer=pick(cfg.overlong_buffer, int(round(overlong * length))), length=length)
+        overlong_buffer=pick(cfg.overlong_buffer, buffer), length=length)
 
 
 # --- the parts of the step that differ by variant --------------------------------------------------------
@@ -285,6 +320,8 @@ def refill(session, cfg, variant, rollout, group_rows, scores, max_new_tokens, m
     main data stream, and every rank's, stays where it would be without refills. If
     after max_rounds rounds some slots are still empty, groups that carry signal are
     repeated (counted in dapo/repeated_groups); a step where none does is skipped.
+    dapo/filtered_frac: the share of the step's first groups that were replaced (what the
+    filter saves the update from; grpo/zero_signal_frac is then 0).
     """
     if not variant.dynamic_sampling:
         return rollout, group_rows, scores, {}
@@ -292,9 +329,12 @@ def refill(session, cfg, variant, rollout, group_rows, scores, max_new_tokens, m
 
     G = cfg.group_size
     P = len(group_rows) // G
+    keep = [signal_groups(scores, G, rollout, variant, max_new_tokens)]
+    stats = {"dapo/filtered_frac": 1.0 - len(keep[0]) / max(P, 1), "dapo/refill_rounds": 0, "dapo/repeated_groups": 0}
+    if len(keep[0]) == P:  # every group carries signal: nothing to replace
+        return rollout, group_rows, scores, stats
     rng = np.random.default_rng([cfg.seed, session.step, session.world.rank, 7])
     parts = [(rollout, group_rows, scores)]
-    keep = [signal_groups(scores, G, rollout, variant, max_new_tokens)]
     rounds = 0
     while sum(len(k) for k in keep) < P and rounds < max_rounds:
         fresh = session.task.train_rows(rng, P)
@@ -310,11 +350,12 @@ def refill(session, cfg, variant, rollout, group_rows, scores, max_new_tokens, m
             repeated += 1
     else:
         chosen = [(0, g) for g in range(P)]  # nothing carries signal: the step will take no update
-    stats = {"dapo/refill_rounds": rounds, "dapo/repeated_groups": repeated}
+    stats.update({"dapo/refill_rounds": rounds, "dapo/repeated_groups": repeated})
     return (*merge_groups(parts, chosen, G, session.tokenizer), stats)
 
 
 def signal_groups(scores, G, rollout, variant, max_new_tokens):
+    """The groups whose rewards (overlong penalty included, as the advantages see them) are not all equal."""
     rewards = scores.total.reshape(-1, G) + variant.overlong_penalty(np.asarray(rollout.lengths), max_new_tokens).reshape(-1, G)
     return [g for g in range(rewards.shape[0]) if rewards[g].max() > rewards[g].min()]
 

@@ -59,7 +59,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_rl.chapters.grpo_family import approx_kl
+from mlx_rl.chapters.grpo_family import PassAtKConfig, approx_kl, pass_at_k_details
 from mlx_rl.chapters.kl import k1, k3
 from mlx_rl.config import MlxRlError, command, option
 from mlx_rl.engine import loop
@@ -77,7 +77,7 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 @dataclasses.dataclass
-class PPOConfig(LLMConfig):
+class PPOConfig(LLMConfig, PassAtKConfig):
     steps: int = option(30, "number of PPO steps (one rollout batch, then epochs of minibatch updates)", min=1,
                         resumable=True)
     rollout_batch: int = option(256, "prompts per step, one sampled completion each", min=1)
@@ -408,6 +408,7 @@ def train(cfg):
 
     return loop.run(session, step, steps=cfg.steps, chapter_state=lambda: dict(state),
                     chapter_arrays=lambda: {VALUE_HEAD_FILE: value_head_weights(value_head)},
+                    details=pass_at_k_details(session, cfg),  # pass@k of the start now, of the end at the end
                     signals={"reward": "reward/mean", "held-out acc": "eval/accuracy", "KL": "kl/k3",
                              "clip": "policy/clipfrac", "explained variance": "value/explained_variance"})
 

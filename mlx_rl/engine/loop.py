@@ -73,6 +73,7 @@ def run(session, step, *, steps, signals, chapter_state=None, chapter_arrays=Non
     else:
         before = next((eval_metrics(m) for m in run_dir.metrics() if m.get("step") == 0), {})
     after, last_row = dict(before), {}
+    live.shown.update(before)  # the live line starts from the held-out figures at step 0
     last_save = time.perf_counter()
     stop = StopFlag()
     try:

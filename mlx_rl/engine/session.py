@@ -286,6 +286,7 @@ def start(command, cfg, mistake_rate=0.75, corpus=False, precheck=None):
     model, tokenizer, model_config = get_model(source, getattr(cfg, "preset", "tiny"), cfg.seed, task.chars())
     if ckpt is None:
         check_model(cfg, model, tokenizer)
+        mx.random.seed(cfg.seed)  # LoRA's random A matrices come from --seed (a resumed run loads its own)
     adapter_config = setup_lora(model, cfg, verbose=world.rank == 0) if cfg.lora_rank else None
     if lora_resume:
         lora.load_adapter_weights(model, ckpt / "adapters")
