@@ -1,4 +1,4 @@
-"""The `mlx-rl` command: one sub-command per chapter, plus eval, plot and tasks.
+"""The `mlx-rl` command: one sub-command per chapter, plus eval, plot, report and tasks.
 
 Each chapter module exposes `cli`, a click command built from its config
 dataclass (see config.command). Errors in the user's input (MlxRlError) print
@@ -25,6 +25,7 @@ COMMANDS = {
     "eval": "mlx_rl.evaluate",
     "plot": "mlx_rl.plots",
     "profile": "mlx_rl.profile",
+    "report": "mlx_rl.report",
     "tasks": "mlx_rl.evaluate",
 }
 
