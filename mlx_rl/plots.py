@@ -305,7 +305,13 @@ def load_run(run_path, label=None):
 def load_runs(run_paths, labels=None):
     if labels is not None and len(labels) != len(run_paths):
         raise MlxRlError(f"--labels names {len(labels)} runs but {len(run_paths)} were given")
-    return [load_run(p, labels[i] if labels else None) for i, p in enumerate(run_paths)]
+    runs = [load_run(p, labels[i] if labels else None) for i, p in enumerate(run_paths)]
+    seen = {}
+    for r in runs:  # legends and tables key on the label: two runs named "pretrain" become "pretrain (2)"
+        seen[r.label] = seen.get(r.label, 0) + 1
+        if seen[r.label] > 1:
+            r.label = f"{r.label} ({seen[r.label]})"
+    return runs
 
 
 def parse_labels(text):
