@@ -25,10 +25,11 @@ figure this module did not write is never touched, whatever order chapter and pl
 Overlays. `mlx-rl plot A B` without `--out` writes into a folder beside the first run, named after the
 runs: `<parent of A>/compare-A-vs-B/`. `--labels a,b` names the runs in legends (default: folder names).
 
-X axes. `--x step` (default), `--x wall_s` (seconds since the run started), or `--x samples`: completions
-or pairs seen, from the run's config (GRPO prompts_per_step x group_size, PPO rollout_batch, DPO
-batch_size pairs, pretrain batch_size examples), so runs of different chapters can be compared by data
-seen rather than by steps that mean different things. A run whose chapter has no such figure keeps step.
+X axes. `--x step`, `--x wall_s` (seconds since the run started), or `--x samples`: completions or pairs
+seen, from the run's config (GRPO prompts_per_step x group_size, PPO rollout_batch, DPO batch_size pairs,
+pretrain batch_size examples), so runs of different chapters are compared by data seen rather than by
+steps that mean different things (a DPO step is 8 pairs, a GRPO step 256 completions). A run whose chapter
+has no such figure keeps step. The default, `auto`, is step, or samples when the runs' chapters differ.
 """
 
 import json
@@ -45,7 +46,7 @@ import numpy as np
 from mlx_rl.config import MlxRlError
 
 STAMP_KEY, STAMP_VALUE = "mlx-rl-figure", "generic"
-X_CHOICES = ("step", "wall_s", "samples")
+X_CHOICES = ("auto", "step", "wall_s", "samples")
 MAX_POINTS = 1000  # longer series are bucketed to this many points before drawing
 DPI = 100
 
@@ -372,9 +373,13 @@ def round_boundaries(run, x):
     return [(float(xs[i]) + float(xs[i + 1])) / 2 for i in cut]
 
 
+def runs_title(runs):
+    """ "GRPO · grpo-a vs DPO · dpo-b" (a label that is the chapter's name is not said twice)."""
+    return " vs ".join(r.label if r.label.lower() == r.chapter.lower() else r.title for r in runs)
+
+
 def figure_title(group_title, runs):
-    names = " vs ".join(r.label if r.label.lower() == r.chapter.lower() else r.title for r in runs)
-    return f"{group_title} — {names}"
+    return f"{group_title} — {runs_title(runs)}"
 
 
 def _style():
@@ -432,7 +437,7 @@ def _draw_series(ax, run, name, x, colour, label, single, ls="-"):
 # Metrics read together share a panel: a ratio's mean with its extremes, DPO's chosen with its rejected.
 FAMILIES = [(("_mean", "-", "mean"), ("_min", ":", "min"), ("_max", "--", "max")),
             (("_chosen", "-", "chosen"), ("_rejected", "--", "rejected"))]
-COUNT_UNITS = {"tokens", "moves", "pairs", "prompts"}
+COUNT_UNITS = {"tokens", "moves", "pairs", "prompts", "GB"}
 
 
 def panels_of(names):
@@ -502,6 +507,8 @@ def group_figure(runs, group, names, x="step"):
                     label = " ".join(t for t in (None if single else r.label, role) if t) or None
                     _draw_series(ax, r, name, x, colours[i % len(colours)], label, single, ls)
         for i, r in enumerate(runs):
+            if not any(n in r.series for n, _, _ in panel):
+                continue  # a DPO run's rounds mean nothing in a GRPO-only panel
             for k, bx in enumerate(drawn.round_lines.get(r.label, [])):
                 ax.axvline(bx, color=colours[i % len(colours)] if not single else "#777", ls="--", lw=0.9, alpha=0.7)
                 if ax is axes.flat[0] and single:
@@ -704,12 +711,20 @@ def time_figure(runs, x="step"):
 # --- every figure of a set of runs ----------------------------------------------------------------
 
 
-def draw(runs, x="step"):
+def resolve_x(runs, x):
+    """"auto": step for runs of one chapter; samples when chapters differ (their steps are not comparable)."""
+    if x not in X_CHOICES:
+        raise MlxRlError(f"--x must be one of {', '.join(X_CHOICES)}, not {x!r}")
+    if x == "auto":
+        return "samples" if len({r.command for r in runs}) > 1 else "step"
+    return x
+
+
+def draw(runs, x="auto"):
     """All figures for the runs (RunData list): [Drawn] in file order; close them with close_all."""
     import matplotlib.pyplot as plt
 
-    if x not in X_CHOICES:
-        raise MlxRlError(f"--x must be one of {', '.join(X_CHOICES)}, not {x!r}")
+    x = resolve_x(runs, x)
     groups = {}
     for r in runs:
         for name in r.series:
@@ -814,7 +829,7 @@ def overlay_dir(run_paths):
     return Path(run_paths[0]).resolve().parent / name
 
 
-def plot_runs(run_paths, out_dir=None, x="step", labels=None):
+def plot_runs(run_paths, out_dir=None, x="auto", labels=None):
     """Draw the runs' figures into out_dir (default: RUN/plots, or overlay_dir for several); returns the paths."""
     runs = load_runs(list(run_paths), labels)
     if out_dir is None:
@@ -836,8 +851,9 @@ def plot_run(run_path):
 @click.option("--out", type=click.Path(), default=None,
               help="folder for the PNGs (default: RUN/plots for one run; for several, a folder beside the "
                    "first run named compare-RUN1-vs-RUN2)")
-@click.option("--x", "x", type=click.Choice(X_CHOICES), default="step", show_default=True,
-              help="x axis: step, wall_s (seconds), or samples (completions or pairs seen, from the config)")
+@click.option("--x", "x", type=click.Choice(X_CHOICES), default="auto", show_default=True,
+              help="x axis: step, wall_s (seconds), or samples (completions or pairs seen, from the config); "
+                   "auto: step, or samples when the runs are of different chapters")
 @click.option("--labels", default=None, help="comma-separated names for the runs in legends, e.g. grpo,control")
 def cli(runs, out, x, labels):
     """Draw a run's curves, or overlay several runs (one PNG per metric group, plus time.png)."""

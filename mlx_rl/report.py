@@ -32,6 +32,7 @@ from mlx_rl.config import MlxRlError
 from mlx_rl.runs import atomic_write_text
 
 N_SAMPLES = 8  # completions shown per evaluation point
+HIDPI = 150  # pixels per inch of the report's images (figures are laid out at plots.DPI)
 
 
 def esc(value):
@@ -120,7 +121,8 @@ tr:nth-child(even) td { background:#fafbfd; }
 tr.differs td { background:#fff6dd; }
 .up { color:var(--good); font-weight:600; } .down { color:var(--bad); font-weight:600; }
 .metric { font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:12px; color:var(--muted); }
-figure { margin:0 0 18px; background:#fff; border:1px solid var(--line); border-radius:8px; padding:8px; }
+.figs { display:flex; flex-wrap:wrap; gap:14px; align-items:flex-start; }
+figure { margin:0; background:#fff; border:1px solid var(--line); border-radius:8px; padding:8px; min-width:280px; }
 figure img { display:block; max-width:100%; height:auto; margin:0 auto; }
 figcaption { color:var(--muted); font-size:12px; padding:4px 6px 0; }
 .cols { display:grid; gap:14px; grid-template-columns:repeat(var(--n), minmax(0, 1fr)); }
@@ -147,9 +149,12 @@ def table(head, rows, num_from=1, row_class=None):
     return "".join(out)
 
 
-def figure_html(png_bytes, caption, alt):
+def figure_html(png_bytes, caption, alt, width_px=None):
+    """A figure with its PNG inlined; width_px is its size on screen (the PNG may have more pixels)."""
     data = base64.b64encode(png_bytes).decode("ascii")
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{esc(alt)}">'
+    # flex-basis = plot size, shrinking allowed: a two-panel and a one-panel figure share a row
+    style = f' style="flex:0 1 {width_px}px"' if width_px else ""
+    return (f'<figure{style}><img src="data:image/png;base64,{data}" alt="{esc(alt)}">'
             f"<figcaption>{esc(caption)}</figcaption></figure>")
 
 
@@ -279,18 +284,21 @@ def section_config(runs):
 
 
 def section_plots(runs, drawn):
-    out = []
+    figs = []
     for d in drawn:
         if d.fig is None:
             continue
         buf = io.BytesIO()
-        d.fig.savefig(buf, format="png", dpi=plots.DPI)
-        out.append(figure_html(buf.getvalue(), f"{d.stem}.png: {d.title}", d.title))
+        d.fig.savefig(buf, format="png", dpi=HIDPI)  # sharp on high-density screens, shown at plot size
+        width = int(d.fig.get_size_inches()[0] * plots.DPI)
+        figs.append(figure_html(buf.getvalue(), f"{d.stem}.png", d.title, width))
+    out = [f"<div class='figs'>{''.join(figs)}</div>"]
     if len(runs) == 1:  # the chapter's own figures (Ice Maze's values, KL's estimators): not ours to redraw
         own = [p for p in sorted((runs[0].path / "plots").glob("*.png")) if not plots.is_generic_figure(p)]
         if own:
-            out.append("<h3>The chapter's own figures</h3>")
-            out += [figure_html(p.read_bytes(), f"{p.name} (drawn by the chapter)", p.name) for p in own]
+            out.append("<h3>The chapter's own figures</h3><div class='figs'>"
+                       + "".join(figure_html(p.read_bytes(), f"{p.name} (drawn by the chapter)", p.name) for p in own)
+                       + "</div>")
     constants = plots.constant_notes(drawn)
     if constants:
         items = "".join(
@@ -301,7 +309,7 @@ def section_plots(runs, drawn):
     return "".join(out)
 
 
-def build(run_paths, labels=None, x="step"):
+def build(run_paths, labels=None, x="auto"):
     """The report page for the runs, as one HTML string."""
     runs = plots.load_runs(list(run_paths), labels)
     drawn = plots.draw(runs, x)
@@ -309,7 +317,7 @@ def build(run_paths, labels=None, x="step"):
         figures = section_plots(runs, drawn)
     finally:
         plots.close_all(drawn)
-    title = " vs ".join(r.title for r in runs)
+    title = plots.runs_title(runs)
     facts = "".join(
         f"<div class='facts'><h3>{esc(r.title)}</h3><dl>"
         + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in run_facts(r).items()) + "</dl></div>"
@@ -347,8 +355,9 @@ def default_out(run_paths):
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="HTML file to write (default: RUN/report.html; for several runs, report.html in the "
                    "compare-RUN1-vs-RUN2 folder beside the first run)")
-@click.option("--x", "x", type=click.Choice(plots.X_CHOICES), default="step", show_default=True,
-              help="x axis of the curves: step, wall_s (seconds), or samples (completions or pairs seen)")
+@click.option("--x", "x", type=click.Choice(plots.X_CHOICES), default="auto", show_default=True,
+              help="x axis of the curves: step, wall_s (seconds), or samples (completions or pairs seen); "
+                   "auto: step, or samples when the runs are of different chapters")
 @click.option("--labels", default=None, help="comma-separated names for the runs, e.g. grpo,control")
 def cli(runs, out, x, labels):
     """Write one self-contained HTML page for a run, or several side by side (plots, config, timing, samples)."""

@@ -167,6 +167,8 @@ def test_x_samples_comes_from_each_chapters_config(tmp_path):
     other = write_run(tmp_path / "o", "mystery", [{"step": s, "wall_s": 2.0 * s, "reward/mean": s} for s in (1, 2, 3)])
     runs = plots.load_runs([grpo, dpo, other])
     assert [r.samples_per_step for r in runs] == [(8, "completions"), (8, "pairs"), (None, None)]
+    # the default: steps of different chapters are not comparable, so they are overlaid by samples seen
+    assert plots.resolve_x(runs, "auto") == "samples" and plots.resolve_x(runs[:1], "auto") == "step"
     drawn = {d.stem: d for d in plots.draw(runs, "samples")}
     try:
         lines = drawn["reward"].axes["reward/mean"].lines
