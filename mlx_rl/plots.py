@@ -291,6 +291,8 @@ def load_run(run_path, label=None):
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         config = {}
+    if not isinstance(config, dict):
+        config = {}
     run = RunData(path=path, label=label or path.resolve().name, config=config, rows=rows, bad_lines=bad)
     columns = {}
     for row in rows:
@@ -349,10 +351,10 @@ def moving_average(ys, window):
 
 def bucket(xs, ys, n=MAX_POINTS):
     """(x, mean, min, max) over n equal buckets of a long series: fast to draw, spikes kept in min/max."""
-    edges = np.linspace(0, len(xs), n + 1).astype(int)
-    idx = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-    pick = lambda f, v: np.array([f(v[a:b]) for a, b in idx])  # noqa: E731
-    return pick(np.mean, xs), pick(np.mean, ys), pick(np.min, ys), pick(np.max, ys)
+    starts = np.unique(np.linspace(0, len(xs), n + 1).astype(int)[:-1])  # (n,) first index of each bucket
+    counts = np.diff(np.append(starts, len(xs)))
+    mean = lambda v: np.add.reduceat(v, starts) / counts  # noqa: E731
+    return mean(xs), mean(ys), np.minimum.reduceat(ys, starts), np.maximum.reduceat(ys, starts)
 
 
 def wilson(p, n, z=1.96):
@@ -363,14 +365,17 @@ def wilson(p, n, z=1.96):
 
 
 def round_boundaries(run, x):
-    """x positions between the last step of one round and the first of the next (any `*/round` metric)."""
+    """[(x, round number from 1)]: halfway between the last step of a round and the first of the next.
+
+    Any `*/round` metric counts (DPO's `dpo/round`, 0-based); the first round has no line.
+    """
     name = next((k for k in sorted(run.series) if k.endswith("/round")), None)
     if name is None:
         return []
     s = run.series[name]
     xs = run.x_of(s.steps, s.wall, x)
     cut = np.nonzero(np.diff(s.values) != 0)[0]
-    return [(float(xs[i]) + float(xs[i + 1])) / 2 for i in cut]
+    return [((float(xs[i]) + float(xs[i + 1])) / 2, int(s.values[i + 1]) + 1) for i in cut]
 
 
 def runs_title(runs):
@@ -495,10 +500,8 @@ def group_figure(runs, group, names, x="step"):
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows + 0.9), squeeze=False)
     drawn.fig = fig
     single = len(runs) == 1
-    for r in runs:
-        lines = round_boundaries(r, x)
-        if lines:
-            drawn.round_lines[r.label] = lines
+    rounds = {r.label: round_boundaries(r, x) for r in runs}
+    drawn.round_lines = {label: [bx for bx, _ in b] for label, b in rounds.items() if b}
     for ax, panel in zip(axes.flat, panels):
         title, unit = panel_title(panel)
         for i, r in enumerate(runs):
@@ -509,10 +512,10 @@ def group_figure(runs, group, names, x="step"):
         for i, r in enumerate(runs):
             if not any(n in r.series for n, _, _ in panel):
                 continue  # a DPO run's rounds mean nothing in a GRPO-only panel
-            for k, bx in enumerate(drawn.round_lines.get(r.label, [])):
+            for bx, number in rounds[r.label]:
                 ax.axvline(bx, color=colours[i % len(colours)] if not single else "#777", ls="--", lw=0.9, alpha=0.7)
                 if ax is axes.flat[0] and single:
-                    ax.text(bx, 1.0, f" round {k + 2}", transform=ax.get_xaxis_transform(), fontsize=7,
+                    ax.text(bx, 1.0, f" round {number}", transform=ax.get_xaxis_transform(), fontsize=7,
                             va="top", color="#555")
         values = np.concatenate([r.series[n].values for r in runs for n, _, _ in panel if n in r.series])
         if values.min() < 0 < values.max():  # margins, advantages: which side of zero matters

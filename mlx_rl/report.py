@@ -72,12 +72,29 @@ def eval_samples(run):
     return {s: [r for r in held if r["step"] == s][:N_SAMPLES] for s in chosen}
 
 
-def run_facts(run):
-    """Headline facts of a run: chapter, steps, wall time, model, task."""
+def read_summary(run):
     try:
         summary = json.loads((run.path / "summary.json").read_text())
     except (OSError, json.JSONDecodeError):
-        summary = {}
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def summary_figures(run):
+    """summary.json flattened one level ({"eval": {"success_rate": 1}} -> "eval.success_rate"); lists left out."""
+    out = {}
+    for k, v in read_summary(run).items():
+        items = v.items() if isinstance(v, dict) else [(None, v)]
+        for sub, value in items:
+            if isinstance(value, (list, dict)):
+                continue
+            out[f"{k}.{sub}" if sub else k] = value
+    return out
+
+
+def run_facts(run):
+    """Headline facts of a run: chapter, steps, wall time, model, task."""
+    summary = read_summary(run)
     last = run.rows[-1]
     wall = summary.get("wall_s", last.get("wall_s"))
     facts = {
@@ -92,7 +109,7 @@ def run_facts(run):
     if per_step:
         facts["per step"] = f"{per_step} {unit}"
     if not summary:
-        facts["status"] = "no summary.json: the run is still going or was stopped"
+        facts["status"] = "no summary.json: the run is still going, or was stopped"
     return {k: v for k, v in facts.items() if v is not None}
 
 
@@ -121,6 +138,7 @@ tr:nth-child(even) td { background:#fafbfd; }
 tr.differs td { background:#fff6dd; }
 .up { color:var(--good); font-weight:600; } .down { color:var(--bad); font-weight:600; }
 .metric { font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:12px; color:var(--muted); }
+.scroll { overflow-x:auto; }
 .figs { display:flex; flex-wrap:wrap; gap:14px; align-items:flex-start; }
 figure { margin:0; background:#fff; border:1px solid var(--line); border-radius:8px; padding:8px; min-width:280px; }
 figure img { display:block; max-width:100%; height:auto; margin:0 auto; }
@@ -134,6 +152,11 @@ td pre { margin:0; white-space:pre-wrap; overflow-wrap:anywhere; }
 .bar { display:inline-block; height:9px; border-radius:2px; vertical-align:middle; margin-right:6px; }
 nav { font-size:13px; margin:8px 0 0; } nav a { color:var(--accent); margin-right:14px; text-decoration:none; }
 """
+
+
+def scroll(inner):
+    """Wide tables (several runs side by side) scroll inside the page instead of overflowing it."""
+    return f"<div class='scroll'>{inner}</div>"
 
 
 def table(head, rows, num_from=1, row_class=None):
@@ -203,7 +226,7 @@ def section_before_after(runs):
                          f"95% interval {lo:.1%} – {hi:.1%}.")
         if acc and acc[2] != 0:
             notes.append(f"{esc(r.label)}: no step-0 evaluation, start is the first evaluation (step {acc[2]}).")
-    return table(head, rows) + "".join(f"<p class='note'>{n}</p>" for n in notes)
+    return scroll(table(head, rows)) + "".join(f"<p class='note'>{n}</p>" for n in notes)
 
 
 def section_time(runs):
@@ -227,7 +250,7 @@ def section_time(runs):
     rows.append(total)
     note = ("<p class='note'>Mean over the training steps, the first (compilation) skipped as in "
             "<code>mlx-rl profile</code>; eval and save are spread over all steps.</p>")
-    return table(head, rows) + note
+    return scroll(table(head, rows)) + note
 
 
 def sample_table(name, samples):
@@ -268,6 +291,16 @@ def section_samples(runs):
     return f'<div class="cols" style="--n:{len(runs)}">' + "".join(cols) + "</div>"
 
 
+def section_summary(runs):
+    figures = {r.label: summary_figures(r) for r in runs}
+    keys = list(dict.fromkeys(k for f in figures.values() for k in f))
+    if not keys:
+        return "<p class='note'>No summary.json: the run is still going, or was stopped before the end.</p>"
+    show = lambda v: "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    rows = [[f"<code class='c'>{esc(k)}</code>"] + [esc(show(figures[r.label].get(k))) for r in runs] for k in keys]
+    return scroll(table(["figure"] + [esc(r.label) for r in runs], rows))
+
+
 def section_config(runs):
     keys = list(dict.fromkeys(k for r in runs for k in r.config))
     if not keys:
@@ -280,7 +313,7 @@ def section_config(runs):
         differs.append(len(runs) > 1 and len(set(values)) > 1 and k != "out")
     head = ["setting"] + [esc(r.label) for r in runs]
     note = "<p class='note'>Highlighted: settings that differ between the runs.</p>" if len(runs) > 1 else ""
-    return table(head, rows, num_from=99, row_class=lambda j: "differs" if differs[j] else "") + note
+    return scroll(table(head, rows, num_from=99, row_class=lambda j: "differs" if differs[j] else "")) + note
 
 
 def section_plots(runs, drawn):
@@ -291,7 +324,9 @@ def section_plots(runs, drawn):
         buf = io.BytesIO()
         d.fig.savefig(buf, format="png", dpi=HIDPI)  # sharp on high-density screens, shown at plot size
         width = int(d.fig.get_size_inches()[0] * plots.DPI)
-        figs.append(figure_html(buf.getvalue(), f"{d.stem}.png", d.title, width))
+        # the file `mlx-rl plot` writes it to (values-curves.png where a chapter owns values.png)
+        name = plots.target_path(runs[0].path / "plots", d.stem).name if len(runs) == 1 else f"{d.stem}.png"
+        figs.append(figure_html(buf.getvalue(), name, d.title, width))
     out = [f"<div class='figs'>{''.join(figs)}</div>"]
     if len(runs) == 1:  # the chapter's own figures (Ice Maze's values, KL's estimators): not ours to redraw
         own = [p for p in sorted((runs[0].path / "plots").glob("*.png")) if not plots.is_generic_figure(p)]
@@ -329,6 +364,7 @@ def build(run_paths, labels=None, x="auto"):
         ("curves", "Curves", figures),
         ("time", "Where the time goes", section_time(runs)),
         ("samples", "Sample completions", section_samples(runs)),
+        ("summary", "Final figures (summary.json)", section_summary(runs)),
         ("config", "Config", section_config(runs)),
     ]
     nav = "".join(f'<a href="#{sid}">{esc(name)}</a>' for sid, name, _ in sections)

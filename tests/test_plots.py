@@ -130,6 +130,8 @@ def test_dpo_round_boundaries_are_drawn_in_every_panel(tmp_path):
                                    if len(set(l.get_xdata())) == 1 and l.get_linestyle() == "--"})
                 assert vertical == [3.5, 6.5]
         assert "dpo/round" not in drawn["dpo"].axes  # the lines say it; no staircase panel
+        first_panel = drawn["dpo"].fig.axes[0]
+        assert [t.get_text() for t in first_panel.texts if "round" in t.get_text()] == [" round 2", " round 3"]
         # chosen and rejected share one panel, told apart in its legend
         ax = drawn["dpo"].axes["dpo/reward_chosen"]
         assert ax is drawn["dpo"].axes["dpo/reward_rejected"]
@@ -276,3 +278,12 @@ def test_a_3000_step_run_is_downsampled_and_quick(tmp_path):
     finally:
         plots.close_all(drawn.values())
     assert elapsed < 30, f"plotting a 3000-step run took {elapsed:.1f}s"  # a few seconds on an idle laptop
+
+
+def test_bucketing_keeps_the_mean_and_the_spikes():
+    xs = np.arange(3000.0)
+    ys = np.ones(3000)
+    ys[1234] = 100.0
+    bx, mean, lo, hi = plots.bucket(xs, ys, n=1000)
+    assert len(bx) == 1000 and hi.max() == 100.0 and lo.min() == 1.0
+    assert mean.mean() == pytest.approx(ys.mean())  # equal buckets of 3: the mean of means is the mean

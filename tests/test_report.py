@@ -6,6 +6,7 @@ it always runs; without Chromium the test fails with a message saying how to get
 
 import base64
 import html
+import json
 import re
 import shutil
 import subprocess
@@ -32,7 +33,9 @@ SAMPLES = [
 
 @pytest.fixture
 def grpo_run(tmp_path):
-    return write_run(tmp_path / "grpo-a", "grpo", grpo_rows(), {**GRPO_CONFIG, "model": EVIL}, SAMPLES)
+    run = write_run(tmp_path / "grpo-a", "grpo", grpo_rows(), {**GRPO_CONFIG, "model": EVIL}, SAMPLES)
+    (run / "summary.json").write_text(json.dumps({"wall_s": 12.5, "steps": 12, "eval": {"accuracy": 0.32}}))
+    return run
 
 
 def test_report_content_is_escaped_and_self_contained(grpo_run, capsys):
@@ -58,9 +61,12 @@ def test_report_content_is_escaped_and_self_contained(grpo_run, capsys):
     time_table = page[page.index('id="time"'):page.index('id="samples"')]
     assert re.search(r"generate</td><td class=\"num\">200\.0</td><td class=\"num\">\d+\.\d%", time_table)
     # Samples: the first and last evaluation, held-out ones only, with expected answers and rewards.
-    samples = page[page.index('id="samples"'):page.index('id="config"')]
+    samples = page[page.index('id="samples"'):page.index('id="summary"')]
     assert "Step 0: first evaluation" in samples and "Step 12: last evaluation" in samples
     assert "1+1=" not in samples and "011" in samples and "(empty)" in samples
+    # summary.json's figures, nested ones flattened.
+    final = page[page.index('id="summary"'):page.index('id="config"')]
+    assert "eval.accuracy</code></td><td class=\"num\">0.32<" in final and "wall time</dt><dd>12.5 s" in page
     # The config, with the untrusted model path escaped too.
     assert "prompts_per_step" in page and page.count(html.escape(EVIL)) == 3  # completion, facts, config
 
