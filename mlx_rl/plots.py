@@ -65,8 +65,8 @@ METRICS = {
     "reward/std": ("Reward spread of the sampled completions", "reward (std)"),
     "train/accuracy": ("Sampled completions exactly right", "share correct"),
     "eval/accuracy": ("Held-out accuracy (greedy)", "share correct"),
-    "eval/accuracy_mistake_kind": ("Held-out accuracy where the corpus errs", "share correct"),
-    "eval/accuracy_other": ("Held-out accuracy on the other problems", "share correct"),
+    "eval/accuracy_mistake_kind": ("Accuracy where the corpus errs", "share correct"),
+    "eval/accuracy_other": ("Accuracy on the other problems", "share correct"),
     "eval/reward": ("Held-out mean reward (greedy)", "reward"),
     "kl/k1": ("KL estimate k1", "nats / token"),
     "kl/k2": ("KL estimate k2", "nats / token"),
@@ -164,7 +164,7 @@ def describe(name):
         title, unit = METRICS[base]
         return f"{title}: spread (std)", unit
     if group == "eval" and tail.startswith("accuracy_"):  # eval splits: eval/accuracy_<kind>
-        return f"Held-out accuracy: {tail[len('accuracy_'):].replace('_', ' ')}", "share correct"
+        return f"Accuracy: {tail[len('accuracy_'):].replace('_', ' ')}", "share correct"
     if SHARE_WORDS.search(tail or group):
         return name, "share"
     return name, "seconds" if name.endswith("_s") else "value"
@@ -425,15 +425,15 @@ def _draw_series(ax, run, name, x, colour, label, single, ls="-"):
         if name == "eval/accuracy" and _number(run.config.get("eval_prompts")):
             lo, hi = wilson(ys, run.config["eval_prompts"])
             ax.fill_between(xs, lo, hi, color=colour, alpha=0.15, lw=0)
-        if single and name.startswith("eval/") and len(ys) >= 2:
+        if single and name.startswith("eval/") and len(ys) >= 2:  # the before -> after a reader looks for
             share = is_share(name)
-            ax.annotate(f"start {fmt(ys[0], share)} → end {fmt(ys[-1], share)}", xy=(0.02, 0.97),
-                        xycoords="axes fraction", va="top", fontsize=8, color="#333")
+            ax.set_title(f"{fmt(ys[0], share)} → {fmt(ys[-1], share)}", loc="right", fontsize=8.5,
+                         fontweight="normal", color="#333")
         return
     if len(ys) > MAX_POINTS:
         bx, mean, lo, hi = bucket(xs, ys)
-        ax.fill_between(bx, lo, hi, color=colour, alpha=0.18, lw=0)
-        ax.plot(bx, moving_average(mean, max(1, len(mean) // 50)), ls, color=colour, lw=1.6, label=label)
+        ax.fill_between(bx, lo, hi, color=colour, alpha=0.25, lw=0)
+        ax.plot(bx, moving_average(mean, max(1, len(mean) // 100)), ls, color=colour, lw=1.4, label=label)
     else:
         ax.plot(xs, ys, ls, color=colour, lw=0.8, alpha=0.35)
         ax.plot(xs, moving_average(ys, max(1, len(ys) // 50)), ls, color=colour, lw=1.6, label=label)
@@ -525,6 +525,8 @@ def group_figure(runs, group, names, x="step"):
             ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
         elif unit in COUNT_UNITS and values.min() >= 0:
             ax.set_ylim(0, values.max() * 1.1)  # counts start at zero: 3.98 vs 4 tokens is no change
+        elif group == "loss" and values.min() > 0 and values.max() > 20 * values.min():
+            ax.set_yscale("log")  # a loss falling 5 -> 0.1: on a linear axis the last 90% of training is flat
         ax.set_title(title, loc="left")
         ax.set_ylabel(unit)
         ax.set_xlabel(_x_label(runs, x))
@@ -562,7 +564,9 @@ def _notes(drawn, runs, group):
         notes.append("Dashed lines: a new DPO round (fresh pairs from the current policy).")
     if group == "eval" and any("eval/accuracy" in r.series and "eval_prompts" in r.config for r in runs):
         n = sorted({str(r.config["eval_prompts"]) for r in runs if "eval_prompts" in r.config})
-        notes.append(f"Band: 95% Wilson interval over {'/'.join(n)} held-out prompts; step 0 is the model before training.")
+        step0 = any("eval/accuracy" in r.series and r.series["eval/accuracy"].steps[0] == 0 for r in runs)
+        notes.append(f"Band: 95% Wilson interval over {'/'.join(n)} held-out prompts"
+                     + ("; step 0 is the model before training." if step0 else "."))
     if any(len(r.series[m].values) > 60 for r in runs for m in drawn.axes if m in r.series):
         notes.append("Faint: raw values (or min-max per bucket on long runs); solid: centred moving average.")
     for r in runs:
@@ -867,7 +871,8 @@ def cli(runs, out, x, labels):
         for path, foreign in save(drawn, out_dir):
             click.echo(path)
             if foreign is not None:
-                click.echo(f"  ({foreign.name} was not drawn by mlx-rl plot, so it was kept)")
+                click.echo(f"  ({foreign.name} was not drawn by mlx-rl plot, so it was kept: a chapter's own figure, "
+                           "or one from an older mlx-rl)")
     finally:
         close_all(drawn)
     for name, by_run in constant_notes(drawn).items():

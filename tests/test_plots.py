@@ -239,7 +239,7 @@ def test_icemaze_figure_survives_plot(tmp_path, capsys):
     assert hashlib.sha256(values.read_bytes()).hexdigest() == before  # byte-identical: the chapter's figure
     assert not plots.is_generic_figure(values)
     assert plots.is_generic_figure(out / "plots" / "values-curves.png")
-    assert "values.png was not drawn by mlx-rl plot, so it was kept" in printed
+    assert "values.png was not drawn by mlx-rl plot, so it was kept: a chapter's own figure" in printed
     # Again: our own values-curves.png is replaced in place, no values-curves-2.png pile-up.
     main(["plot", str(out), "--x", "wall_s"])
     assert hashlib.sha256(values.read_bytes()).hexdigest() == before
