@@ -525,8 +525,8 @@ def group_figure(runs, group, names, x="step"):
             ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
         elif unit in COUNT_UNITS and values.min() >= 0:
             ax.set_ylim(0, values.max() * 1.1)  # counts start at zero: 3.98 vs 4 tokens is no change
-        elif group == "loss" and values.min() > 0 and values.max() > 20 * values.min():
-            ax.set_yscale("log")  # a loss falling 5 -> 0.1: on a linear axis the last 90% of training is flat
+        elif unit.startswith("nats") and group == "loss" and values.min() > 0 and values.max() > 20 * values.min():
+            ax.set_yscale("log")  # cross-entropy falling 5 -> 0.1: on a linear axis the last 90% of training is flat
         ax.set_title(title, loc="left")
         ax.set_ylabel(unit)
         ax.set_xlabel(_x_label(runs, x))

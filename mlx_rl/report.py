@@ -175,8 +175,9 @@ def table(head, rows, num_from=1, row_class=None):
 def figure_html(png_bytes, caption, alt, width_px=None):
     """A figure with its PNG inlined; width_px is its size on screen (the PNG may have more pixels)."""
     data = base64.b64encode(png_bytes).decode("ascii")
-    # flex-basis = plot size, shrinking allowed: a two-panel and a one-panel figure share a row
-    style = f' style="flex:0 1 {width_px}px"' if width_px else ""
+    # Laid out at 80% of the plot's size, grown up to 100% to fill the row: a two-panel and a
+    # one-panel figure share a row, and a lone one-panel figure is not blown up to the page width.
+    style = f' style="flex:1 1 {int(0.8 * width_px)}px; max-width:{width_px}px"' if width_px else ""
     return (f'<figure{style}><img src="data:image/png;base64,{data}" alt="{esc(alt)}">'
             f"<figcaption>{esc(caption)}</figcaption></figure>")
 
@@ -199,7 +200,8 @@ def fmt_change(name, start, end):
 def section_before_after(runs):
     names = list(dict.fromkeys(n for r in runs for n in before_after(r)))
     if not names:
-        return "<p class='note'>No evaluation was logged (no <code>eval/*</code> metrics).</p>"
+        return ("<p class='note'>No evaluation was logged during training (no <code>eval/*</code> metrics); "
+                "the run's final figures are under <a href='#summary'>Final figures</a>.</p>")
     tables = {r.label: before_after(r) for r in runs}
     head = ["metric"]
     for r in runs:

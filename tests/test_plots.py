@@ -275,6 +275,9 @@ def test_a_3000_step_run_is_downsampled_and_quick(tmp_path):
         for d in drawn.values():
             for ax in d.fig.axes:
                 assert all(len(l.get_xdata()) <= plots.MAX_POINTS for l in ax.lines)
+        # cross-entropy falls 3.1 -> 0.1: a log axis, or the last 2000 steps look flat
+        assert drawn["loss"].axes["loss/cross_entropy"].get_yscale() == "log"
+        assert drawn["optim"].axes["optim/grad_norm"].get_yscale() == "linear"
     finally:
         plots.close_all(drawn.values())
     assert elapsed < 30, f"plotting a 3000-step run took {elapsed:.1f}s"  # a few seconds on an idle laptop
