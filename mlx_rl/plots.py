@@ -214,7 +214,7 @@ def read_jsonl_tolerant(path):
     return rows, bad
 
 
-def _number(v):
+def is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -252,7 +252,7 @@ class RunData:
     def samples_per_step(self):
         """(completions or pairs per step, unit) from the config, or (None, None) if unknown."""
         keys, unit = SAMPLES_PER_STEP.get(self.command, ((), None))
-        if not keys or not all(_number(self.config.get(k)) for k in keys):
+        if not keys or not all(is_number(self.config.get(k)) for k in keys):
             return None, None
         return math.prod(self.config[k] for k in keys), unit
 
@@ -284,7 +284,7 @@ def load_run(run_path, label=None):
     if not metrics.exists():
         raise MlxRlError(f"{run_path} is not a run directory (no metrics.jsonl)")
     rows, bad = read_jsonl_tolerant(metrics)
-    rows = [r for r in rows if _number(r.get("step"))]
+    rows = [r for r in rows if is_number(r.get("step"))]
     if not rows:
         raise MlxRlError(f"{metrics} has no metric rows yet: nothing to plot")
     try:
@@ -297,7 +297,7 @@ def load_run(run_path, label=None):
     columns = {}
     for row in rows:
         for k, v in row.items():
-            if k not in ("step", "wall_s") and _number(v):
+            if k not in ("step", "wall_s") and is_number(v):
                 columns.setdefault(k, []).append((row["step"], row.get("wall_s", math.nan), v))
     for k, triples in columns.items():
         a = np.asarray(triples, dtype=float)  # (N, 3): step, wall_s, value
@@ -387,7 +387,7 @@ def figure_title(group_title, runs):
     return f"{group_title} — {runs_title(runs)}"
 
 
-def _style():
+def figure_style():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -422,7 +422,7 @@ def _draw_series(ax, run, name, x, colour, label, single, ls="-"):
     sparse = len(ys) <= 60 or name.startswith("eval/")
     if sparse:
         ax.plot(xs, ys, ls, marker="o", color=colour, lw=1.5, ms=3.5, label=label, clip_on=False, zorder=3)
-        if name == "eval/accuracy" and _number(run.config.get("eval_prompts")):
+        if name == "eval/accuracy" and is_number(run.config.get("eval_prompts")):
             lo, hi = wilson(ys, run.config["eval_prompts"])
             ax.fill_between(xs, lo, hi, color=colour, alpha=0.15, lw=0)
         if single and name.startswith("eval/") and len(ys) >= 2:  # the before -> after a reader looks for
@@ -606,14 +606,14 @@ def phase_table(rows, skip_first=1):
     totals = {}
     for row in steps + extra:
         for k, v in row.items():
-            if k.startswith("time/") and _number(v):
+            if k.startswith("time/") and is_number(v):
                 totals[phase_of(k)] = totals.get(phase_of(k), 0.0) + v
     grand = sum(totals.values()) or 1.0
     return {p: {"mean_s": t / len(steps), "total_s": t, "share": t / grand}
             for p, t in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
-def _phase_colours(phases):
+def phase_colours(phases):
     others = iter(OTHER_COLOURS * 4)
     return {p: PHASE_COLOURS.get(p) or next(others) for p in phases}
 
@@ -624,7 +624,7 @@ def _steady_phases(run):
     counts = {}
     for r in steps:
         for k, v in r.items():
-            if k.startswith("time/") and _number(v):
+            if k.startswith("time/") and is_number(v):
                 counts[phase_of(k)] = counts.get(phase_of(k), 0) + 1
     return [p for p, c in counts.items() if p not in INTERMITTENT_PHASES and c >= 0.5 * len(steps)]
 
@@ -638,7 +638,7 @@ def time_figure(runs, x="step"):
     if not any(tables.values()):
         return drawn
     all_phases = list(dict.fromkeys(p for t in tables.values() for p in t))
-    colours = _phase_colours(all_phases)
+    colours = phase_colours(all_phases)
     single = len(runs) == 1
     ncols = len(runs) + 1
     fig, axes = plt.subplots(1, ncols, figsize=(min(5.2 * ncols, 17), 4.4 if single else 4.9), squeeze=False,
@@ -738,7 +738,7 @@ def draw(runs, x="auto"):
             if not name.startswith("time/"):
                 groups.setdefault(group_of(name), set()).add(name)
     out = []
-    with plt.rc_context(_style()):
+    with plt.rc_context(figure_style()):
         order = [g for g in GROUPS if g in groups] + sorted(g for g in groups if g not in GROUPS)
         for group in order:
             known = [m for m in METRICS if m in groups[group]]  # the table's order: main metric first

@@ -7,7 +7,8 @@ The page holds what a model builder looks at after a run, in the order they look
 2. the curves (the same figures as `mlx-rl plot`, plus a chapter's own figures in RUN/plots);
 3. where the time goes: ms per step and share of each phase (as `mlx-rl profile`);
 4. sample completions at the first and last evaluation: prompt, completion, expected answer, reward;
-5. the resolved config, with the settings that differ between runs highlighted.
+5. the run's final figures (summary.json);
+6. the resolved config, with the settings that differ between runs highlighted.
 
 Self-contained: images are inlined as base64 PNG data URIs and the CSS is inline; there is no script,
 so the file opens offline, from an e-mail, from a CI artifact. Everything taken from a run (model
@@ -28,7 +29,6 @@ from pathlib import Path
 import click
 
 from mlx_rl import plots
-from mlx_rl.config import MlxRlError
 from mlx_rl.runs import atomic_write_text
 
 N_SAMPLES = 8  # completions shown per evaluation point
@@ -40,11 +40,6 @@ def esc(value):
 
 
 # --- what the page reports, as plain data (tested without HTML) ----------------------------------------
-
-
-def eval_rows(run):
-    """Metric rows that carry an evaluation (any `eval/*` number), in step order."""
-    return [r for r in run.rows if any(k.startswith("eval/") and plots._number(v) for k, v in r.items())]
 
 
 def before_after(run):
@@ -100,7 +95,7 @@ def run_facts(run):
     facts = {
         "chapter": run.chapter,
         "steps": summary.get("steps", last.get("step")),
-        "wall time": f"{wall:.1f} s" if plots._number(wall) else "unknown",
+        "wall time": f"{wall:.1f} s" if plots.is_number(wall) else "unknown",
         "model": run.config.get("model") or (f"new {run.config['preset']} model" if run.config.get("preset") else None),
         "task": run.config.get("task"),
         "directory": str(run.path.resolve()),
@@ -222,7 +217,7 @@ def section_before_after(runs):
     for r in runs:
         n = r.config.get("eval_prompts")
         acc = tables[r.label].get("eval/accuracy")  # (start, end, start_step, end_step)
-        if plots._number(n) and acc:
+        if plots.is_number(n) and acc:
             lo, hi = plots.wilson(acc[1], n)
             notes.append(f"{esc(r.label)}: {int(n)} held-out prompts per evaluation; final accuracy "
                          f"95% interval {lo:.1%} – {hi:.1%}.")
@@ -236,7 +231,7 @@ def section_time(runs):
     if not any(tables.values()):
         return "<p class='note'>No <code>time/*</code> metrics were logged.</p>"
     phases = list(dict.fromkeys(p for t in tables.values() for p in t))
-    colours = plots._phase_colours(phases)
+    colours = plots.phase_colours(phases)
     head = ["phase"] + [h for r in runs for h in ((f"{esc(r.label)}: ms/step" if len(runs) > 1 else "ms / step"),
                                                  (f"{esc(r.label)}: share" if len(runs) > 1 else "share"))]
     rows = []
@@ -255,7 +250,7 @@ def section_time(runs):
     return scroll(table(head, rows)) + note
 
 
-def sample_table(name, samples):
+def sample_table(samples):
     if not samples:
         return "<p class='note'>No samples logged.</p>"
     has_answer = any("answer" in s for s in samples)
@@ -269,7 +264,7 @@ def sample_table(name, samples):
         if has_answer:
             cells.append(f"<pre>{esc(s.get('answer', ''))}</pre>")
         reward = s.get("reward")
-        cells.append(esc(f"{reward:.3g}" if plots._number(reward) else reward))
+        cells.append(esc(f"{reward:.3g}" if plots.is_number(reward) else reward))
         if has_correct:
             c = s.get("correct")
             cells.append('<span class="ok">✓</span>' if c is True else '<span class="no">✗</span>' if c is False else "–")
@@ -288,7 +283,7 @@ def section_samples(runs):
             when = "first evaluation" if i == 0 else "last evaluation"
             split = {s.get("split") for s in samples} - {None}
             extra = f" (split: {', '.join(sorted(map(str, split)))})" if split else ""
-            parts.append(f"<h3>Step {int(step)}: {when}{esc(extra)}</h3>" + sample_table(r.label, samples))
+            parts.append(f"<h3>Step {int(step)}: {when}{esc(extra)}</h3>" + sample_table(samples))
         cols.append("<div>" + "".join(parts) + "</div>")
     return f'<div class="cols" style="--n:{len(runs)}">' + "".join(cols) + "</div>"
 

@@ -219,11 +219,10 @@ def test_a_torn_last_line_is_skipped_and_said(tmp_path):
     run = write_run(tmp_path / "torn", "grpo", grpo_rows(), GRPO_CONFIG, tail='{"step": 13, "wall_s": 14.0, "rew')
     data = plots.load_run(run)
     assert data.bad_lines == 1 and data.rows[-1]["step"] == 12
-    paths = plots.plot_runs([run])
-    assert run / "plots" / "reward.png" in paths
     drawn = drawn_by_stem([run])
     try:
         assert any("skipped 1 malformed line" in t.get_text() for t in drawn["reward"].fig.texts)
+        assert list(drawn["reward"].axes["reward/mean"].lines[-1].get_xdata())[-1] == 12
     finally:
         plots.close_all(drawn.values())
 
@@ -267,10 +266,10 @@ def test_a_3000_step_run_is_downsampled_and_quick(tmp_path):
         r.update({"eval/accuracy": min(1.0, r["step"] / 3000), "time/eval_s": 0.5})
     run = write_run(tmp_path / "long", "pretrain", rows, {"batch_size": 32})
     start = time.perf_counter()
-    paths = plots.plot_runs([run])
+    drawn = drawn_by_stem([run])
+    paths = [p for p, _ in plots.save(drawn.values(), run / "plots")]
     elapsed = time.perf_counter() - start
     assert {p.name for p in paths} == {"eval.png", "loss.png", "optim.png", "perf.png", "time.png"}
-    drawn = drawn_by_stem([run])
     try:
         for d in drawn.values():
             for ax in d.fig.axes:

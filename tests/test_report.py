@@ -160,3 +160,12 @@ def test_report_lists_the_chapters_own_figures(tmp_path):
     assert "values.png (drawn by the chapter)" in page
     assert "Ice Maze · ice" in page
     assert not plots.is_generic_figure(run / "plots" / "values.png")
+
+
+def test_report_of_a_run_with_no_metrics_is_one_clear_line(tmp_path, capsys):
+    empty = write_run(tmp_path / "empty", "grpo", [])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(empty)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code != 0 and "has no metric rows yet" in err and "Traceback" not in err
+    assert not (empty / "report.html").exists()
