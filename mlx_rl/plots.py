@@ -380,7 +380,7 @@ def round_boundaries(run, x):
 
 def runs_title(runs):
     """ "GRPO · grpo-a vs DPO · dpo-b" (a label that is the chapter's name is not said twice)."""
-    return " vs ".join(r.label if r.label.lower() == r.chapter.lower() else r.title for r in runs)
+    return " vs ".join(r.chapter if r.label.lower() == r.chapter.lower() else r.title for r in runs)
 
 
 def figure_title(group_title, runs):
