@@ -10,7 +10,8 @@ What makes them trustworthy:
 - Shares (accuracies, clip fractions, success rates) are drawn on [0, 1], so 0.26 -> 0.31 looks as small as
   it is. `eval/accuracy` carries a 95% Wilson band for the number of held-out prompts.
 - A series that never changes (`grpo/skipped` = 0, completion length on a fixed-length task) is folded
-  into a note under the figure instead of taking a panel.
+  into a note under the figure instead of taking a panel; a group with nothing else is a figure that is
+  only its note. Held-out `eval/*` results are always drawn: a flat accuracy is a finding.
 - Dense curves show the raw values faintly and a centred moving average on top; long runs are
   bucketed (min/max envelope + mean) so a 3000-step run draws in a few seconds.
 - DPO's rounds are marked with vertical lines where `dpo/round` changes (margins restart each round).
@@ -488,12 +489,21 @@ def group_figure(runs, group, names, x="step"):
         present = [r for r in runs if name in r.series]
         if name.endswith("/round"):  # drawn as vertical lines in every panel instead
             continue
-        if all(is_constant(r.series[name].values) for r in present):
+        # A held-out result is drawn even when flat: "accuracy stayed at 0%" is the finding, on [0, 1].
+        if not name.startswith("eval/") and all(is_constant(r.series[name].values) for r in present):
             drawn.constant[name] = {r.label: float(r.series[name].values[0]) for r in present}
         else:
             varying.append(name)
-    if not varying:
-        return drawn  # nothing to draw; the caller reports the constants
+    if not varying:  # the figure is only its note: the file is where a reader looks ("reward stuck at 0")
+        import textwrap
+
+        drawn.title = figure_title(GROUPS.get(group, group), runs)
+        text = "\n".join(textwrap.fill(n, 120) for n in _notes(drawn, runs, group))
+        height = 0.62 + 0.2 * (text.count("\n") + 1)
+        drawn.fig = plt.figure(figsize=(9.2, height))
+        drawn.fig.suptitle(drawn.title, x=0.01, y=1 - 0.12 / height, ha="left", va="top", fontsize=12, fontweight="bold")
+        drawn.fig.text(0.01, 1 - 0.5 / height, text, ha="left", va="top", fontsize=9, color="#333")
+        return drawn
     panels = panels_of(varying)
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
@@ -532,6 +542,8 @@ def group_figure(runs, group, names, x="step"):
         ax.set_xlabel(_x_label(runs, x))
         if STEP_MEANS.get(runs[0].command) == "samples per estimate" and x == "step":
             ax.set_xscale("log")
+        elif x != "wall_s":
+            ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # no step 2.5
         if len(panel) > 1 or (not single and ax is axes.flat[0]):
             ax.legend(loc="best")
         for name, _, _ in panel:
@@ -637,7 +649,9 @@ def time_figure(runs, x="step"):
     tables = {r.label: phase_table(r.rows) for r in runs}
     if not any(tables.values()):
         return drawn
-    all_phases = list(dict.fromkeys(p for t in tables.values() for p in t))
+    steady = {r.label: _steady_phases(r) for r in runs}
+    # every phase gets a colour, also one seen only on the (skipped) first step of a short run
+    all_phases = list(dict.fromkeys([p for t in tables.values() for p in t] + [p for v in steady.values() for p in v]))
     colours = phase_colours(all_phases)
     single = len(runs) == 1
     ncols = len(runs) + 1
@@ -645,7 +659,7 @@ def time_figure(runs, x="step"):
                              gridspec_kw={"width_ratios": [1.6] * len(runs) + [1.25 if single else 1.0 + 0.15 * len(runs)]})
     drawn.fig = fig
     for ax, r in zip(axes.flat, runs):
-        phases = sorted(_steady_phases(r), key=lambda p: -tables[r.label].get(p, {}).get("total_s", 0))
+        phases = sorted(steady[r.label], key=lambda p: -tables[r.label].get(p, {}).get("total_s", 0))
         steps = [row for row in r.rows if row.get("step", 0) > 0]
         if not phases or not steps:
             ax.axis("off")
@@ -660,10 +674,9 @@ def time_figure(runs, x="step"):
         top = float(np.percentile(rest, 99)) * 1.25
         worst = int(total.argmax())
         outlier = (int(st[worst]), float(total[worst])) if total[worst] > 2 * top > 0 else None
-        if len(xs) > MAX_POINTS:
-            edges = np.linspace(0, len(xs), MAX_POINTS + 1).astype(int)
-            xs = np.array([xs[a:b].mean() for a, b in zip(edges[:-1], edges[1:])])
-            stack = np.stack([[s[a:b].mean() for a, b in zip(edges[:-1], edges[1:])] for s in stack])
+        if len(xs) > MAX_POINTS:  # bucket means: the area (time spent) is kept, the drawing stays fast
+            stack = np.stack([bucket(xs, s)[1] for s in stack])
+            xs = bucket(xs, xs)[1]
         ax.stackplot(xs, stack, colors=[colours[p] for p in phases], labels=[p.replace("_", " ") for p in phases],
                      alpha=0.9, lw=0)
         if outlier:
@@ -703,8 +716,7 @@ def time_figure(runs, x="step"):
     notes = ["First training step skipped in the means (compilation), as in `mlx-rl profile`."]
     apart = []
     for r in runs:
-        steady = set(_steady_phases(r))
-        names = [p.replace("_", " ") for p in tables[r.label] if p not in steady]
+        names = [p.replace("_", " ") for p in tables[r.label] if p not in steady[r.label]]
         if names:
             apart.append(", ".join(names) if single else f"{r.label}: {', '.join(names)}")
     if apart:

@@ -7,6 +7,7 @@ say exactly what is in the data; the Ice Maze test uses a real, short run of the
 import hashlib
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,18 +95,29 @@ def test_constant_series_are_folded_into_a_note(grpo_run):
         assert policy.constant == {"policy/completion_len": {"grpo-a": 4.0}}
         texts = [t.get_text() for t in policy.fig.texts]
         assert any("Constant over the run" in t and "policy/completion_len" in t and "= 4" in t for t in texts)
-        # A group whose every series is constant gets no figure at all.
-        assert drawn["grpo"].fig is None and drawn["grpo"].constant == {"grpo/skipped": {"grpo-a": 0.0}}
+        # A group whose every series is constant is a figure with no panels, only the note.
+        assert drawn["grpo"].fig.axes == [] and drawn["grpo"].constant == {"grpo/skipped": {"grpo-a": 0.0}}
+        assert any("Step skipped: no group had signal (grpo/skipped) = 0.0%" in t.get_text() for t in drawn["grpo"].fig.texts)
     finally:
         plots.close_all(drawn.values())
 
 
-def test_cli_writes_no_figure_for_an_all_constant_group_and_says_so(grpo_run, capsys):
+def test_a_flat_evaluation_is_still_drawn(tmp_path):
+    rows = [{"step": s, "wall_s": s, "eval/accuracy": 0.0, "reward/mean": 0.0} for s in range(4)]
+    drawn = drawn_by_stem([write_run(tmp_path / "stuck", "grpo", rows)])
+    try:
+        assert drawn["eval"].axes["eval/accuracy"].get_ylim() == (0.0, 1.0) and not drawn["eval"].constant
+        assert drawn["reward"].constant == {"reward/mean": {"stuck": 0.0}}
+    finally:
+        plots.close_all(drawn.values())
+
+
+def test_cli_prints_the_files_and_the_constants(grpo_run, capsys):
     main(["plot", str(grpo_run)])
-    out = capsys.readouterr().out
-    assert not (grpo_run / "plots" / "grpo.png").exists()
-    assert "constant, not drawn: grpo/skipped" in out
-    assert str(grpo_run / "plots" / "eval.png") in out.splitlines()
+    out = capsys.readouterr().out.splitlines()
+    assert str(grpo_run / "plots" / "eval.png") in out and str(grpo_run / "plots" / "grpo.png") in out
+    assert all(Path(p).exists() for p in out if p.endswith(".png"))
+    assert "constant, not drawn: grpo/skipped (grpo-a=0.0%)" in out
 
 
 def dpo_rows():

@@ -48,7 +48,7 @@ def test_report_content_is_escaped_and_self_contained(grpo_run, capsys):
     assert html.escape(EVIL) in page
     # Self-contained: every image is an inline PNG, no link leaves the page.
     srcs = re.findall(r'<img src="([^"]*)"', page)
-    assert len(srcs) == 6  # eval, reward, train, loss, policy, time (grpo/* is constant: no figure)
+    assert len(srcs) == 7  # eval, reward, train, loss, policy, grpo (its note only), time
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
