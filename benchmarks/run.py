@@ -1,13 +1,22 @@
 """Run every chapter's default run, time it, and write a table (markdown and JSON).
 
-    .venv/bin/python benchmarks/run.py                 # everything (12 minutes here, controls included)
+    .venv/bin/python benchmarks/run.py                 # everything (the chapters alone: 12 minutes here, controls included)
     .venv/bin/python benchmarks/run.py --only pretrain,grpo
     .venv/bin/python benchmarks/run.py --pretrained runs/x/checkpoint --only grpo
+    .venv/bin/python benchmarks/run.py --only grpo-family,grpo-family-sort
 
 For each RL chapter it also runs the control: continued pretraining on the same
 (mistaken) corpus from the same checkpoint for the same wall time, at the RL
 run's learning rate, and draws both accuracy curves over wall time in one plot.
 A run over 60 minutes is killed and marked FAIL; the runner then exits non-zero.
+
+GRPO's family (`grpo-family` on addition, `grpo-family-sort` on sort) runs every
+`--variant` at its defaults from the same pretraining checkpoint, and writes one
+overlay per task (held-out accuracy, entropy, completion length and clip fraction
+against training time: grpo-family-<task>.png), a table (grpo-family-<task>.md:
+variant, final accuracy, time to 90%, wall time; a run over 10 minutes is marked
+FAIL), and on addition pass@1/8/64 of the pretraining checkpoint and of the GRPO
+run's (`mlx-rl eval --pass-k 1,8,64`).
 """
 
 import argparse
@@ -29,25 +38,30 @@ from mlx_rl.tools.profile import phase_profile  # noqa: E402
 
 LIMIT_S = 3600
 MLXRL = [sys.executable, "-m", "mlx_rl"]
+AFTER = "after.eval/accuracy"  # summary.json: held-out greedy accuracy at the end
 
 # name -> (command args after `mlx-rl`, the summary figure to report, needs a pretrained checkpoint of task)
 CHAPTERS = {
-    "icemaze": (["icemaze"], "eval.success_rate", None),
-    "icemaze-8x8": (["icemaze", "--map", "8x8"], "eval.success_rate", None),
-    "icemaze-8x8-slippery": (["icemaze", "--map", "8x8", "--slippery"], "eval.success_rate", None),
-    "icemaze-reinforce-8x8": (["icemaze", "--algo", "reinforce", "--map", "8x8"], "eval.success_rate", None),
-    "icemaze-reinforce-slippery": (["icemaze", "--algo", "reinforce", "--slippery"], "eval.success_rate", None),
+    "icemaze": (["icemaze"], "after.eval/success_rate", None),
+    "icemaze-8x8": (["icemaze", "--map", "8x8"], "after.eval/success_rate", None),
+    "icemaze-8x8-slippery": (["icemaze", "--map", "8x8", "--slippery"], "after.eval/success_rate", None),
+    "icemaze-reinforce-8x8": (["icemaze", "--algo", "reinforce", "--map", "8x8"], "after.eval/success_rate", None),
+    "icemaze-reinforce-slippery": (["icemaze", "--algo", "reinforce", "--slippery"], "after.eval/success_rate", None),
     "icemaze-reinforce-8x8-slippery": (["icemaze", "--algo", "reinforce", "--map", "8x8", "--slippery"],
-                                       "eval.success_rate", None),
+                                       "after.eval/success_rate", None),
     "kl": (["kl"], None, None),
-    "pretrain": (["pretrain", "--task", "addition"], "eval/accuracy", None),
-    "pretrain-sort": (["pretrain", "--task", "sort"], "eval/accuracy", None),
-    "grpo": (["grpo", "--task", "addition"], "eval/accuracy", "addition"),
-    "grpo-sort": (["grpo", "--task", "sort"], "eval/accuracy", "sort"),
-    "ppo": (["ppo", "--task", "addition"], "eval/accuracy", "addition"),
-    "dpo": (["dpo", "--task", "addition"], "eval/accuracy", "addition"),
+    "pretrain": (["pretrain", "--task", "addition"], AFTER, None),
+    "pretrain-sort": (["pretrain", "--task", "sort"], AFTER, None),
+    "grpo": (["grpo", "--task", "addition"], AFTER, "addition"),
+    "grpo-sort": (["grpo", "--task", "sort"], AFTER, "sort"),
+    "ppo": (["ppo", "--task", "addition"], AFTER, "addition"),
+    "dpo": (["dpo", "--task", "addition"], AFTER, "addition"),
 }
 RL_CHAPTERS = {"grpo", "grpo-sort", "ppo", "dpo"}
+FAMILIES = {"grpo-family": "addition", "grpo-family-sort": "sort"}  # name -> task: every --variant, one overlay
+VARIANTS = ["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo"]
+FAMILY_LIMIT_S = 600  # each variant's run should take under 10 minutes here
+PASS_K = "1,8,64"
 
 
 def run_command(args, out, log_path):
@@ -75,7 +89,7 @@ def rl_learning_rate(run_dir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join(CHAPTERS), help="comma-separated chapters")
+    parser.add_argument("--only", default=",".join([*CHAPTERS, *FAMILIES]), help="comma-separated chapters")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<time>)")
     parser.add_argument("--pretrained", default=None, help="addition checkpoint for the RL chapters (default: this run's pretrain)")
     parser.add_argument("--pretrained-sort", default=None, help="sort checkpoint for grpo-sort")
@@ -83,7 +97,7 @@ def main():
     args = parser.parse_args()
 
     names = [n for n in args.only.split(",") if n]
-    unknown = set(names) - set(CHAPTERS)
+    unknown = set(names) - set(CHAPTERS) - set(FAMILIES)
     if unknown:
         parser.error(f"unknown chapters: {', '.join(sorted(unknown))}")
     out = Path(args.out or ROOT / "benchmarks" / "results" / datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -117,8 +131,8 @@ def main():
             row["summary"] = summary
             if figure:
                 row["final"] = lookup(summary, figure)
-            if "value_iteration" in summary:  # icemaze: the optimal policy's figure, evaluated the same way
-                row["optimal"] = summary["value_iteration"].get("success_rate")
+            if "value_iteration" in summary.get("details", {}):  # icemaze: the optimal policy's figure, evaluated the same way
+                row["optimal"] = summary["details"]["value_iteration"].get("success_rate")
         if (run_dir / "metrics.jsonl").exists():
             try:
                 row["phases_ms_per_step"] = {k: round(v["mean_s"] * 1000, 2) for k, v in phase_profile(run_dir).items()}
@@ -143,16 +157,59 @@ def main():
         code, ctrl_wall = run_command(cmd, ctrl_dir, out / f"{name}-control.log")
         result = {"command": "mlx-rl " + " ".join(cmd), "wall_s": round(ctrl_wall, 1)}
         if code == 0:
-            result["final"] = json.loads((ctrl_dir / "summary.json").read_text()).get("eval/accuracy")
+            result["final"] = lookup(json.loads((ctrl_dir / "summary.json").read_text()), AFTER)
             plot_runs([rl_dir, ctrl_dir], out / f"{name}-vs-control", x="wall_s", labels=[name, "continued pretraining"])
         else:
             result["status"] = f"FAIL (exit {code})"
         return result
 
+    def bench_family(name):
+        """Every variant at its defaults from the same checkpoint; the overlay, the table, and pass@k."""
+        task = FAMILIES[name]
+        ckpt = pretrained_for(task)
+        before = first_eval_of_checkpoint(ckpt, task, out / f"{name}-before.json")
+        rows, run_dirs = [], []
+        for variant in VARIANTS:
+            cmd = ["grpo", "--task", task, "--variant", variant, "--model", str(ckpt)]
+            run_dir = out / name / variant
+            print(f"[{name}] mlx-rl {' '.join(cmd)}", flush=True)
+            code, wall = run_command(cmd, run_dir, out / f"{name}-{variant}.log")
+            ok = code == 0 and wall <= FAMILY_LIMIT_S
+            row = {"chapter": f"{name}/{variant}", "variant": variant, "command": "mlx-rl " + " ".join(cmd),
+                   "wall_s": round(wall, 1), "before": before,
+                   "status": "ok" if ok else ("FAIL (over 10 min)" if code == 0 else f"FAIL (exit {code})")}
+            if (run_dir / "summary.json").exists():
+                row["summary"] = json.loads((run_dir / "summary.json").read_text())
+                row["final"] = lookup(row["summary"], AFTER)
+                row.update(family_figures(run_dir))
+                run_dirs.append(run_dir)
+            print(f"[{name}/{variant}] {row['status']} in {wall:.0f} s  final={row.get('final')} "
+                  f"to 90%={row.get('time_to_90_s')}", flush=True)
+            rows.append(row)
+        if run_dirs:
+            plot_family(run_dirs, [d.name for d in run_dirs], out / f"{name.replace('-sort', '')}-{task}.png",
+                        f"GRPO's family on {task}, from the same checkpoint")
+            plot_runs(run_dirs, out / f"{name}-plots", x="wall_s", labels=[d.name for d in run_dirs])
+        lines = family_table(rows, task, before)
+        if task == "addition":  # what RL changes: pass@k before and after, from temperature-1 samples
+            grpo_ckpt = out / name / "grpo" / "checkpoint"
+            passes = {"pretrain": pass_at_k_of(ckpt, task, out / f"{name}-pass-at-k-pretrain.json")}
+            if grpo_ckpt.exists():
+                passes["grpo"] = pass_at_k_of(grpo_ckpt, task, out / f"{name}-pass-at-k-grpo.json")
+            lines += ["", pass_at_k_table(passes)]
+            for r in rows:
+                r["pass_at_k"] = passes
+        (out / f"{name.replace('-sort', '')}-{task}.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)
+        return rows
+
     for name in names:
         if any(r["chapter"] == name for r in results):
             continue
-        results.append(bench(name))
+        if name in FAMILIES:
+            results += bench_family(name)
+        else:
+            results.append(bench(name))
 
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     lines = ["| chapter | status | wall time | before (or optimal) | final | control (same time) | slowest phases (ms/step) |",
@@ -169,6 +226,91 @@ def main():
     sys.exit(0 if all(r["status"] == "ok" for r in results) else 1)
 
 
+def family_figures(run_dir, threshold=0.9):
+    """From a run's metrics.jsonl: final held-out accuracy, seconds of training to the first evaluation at or
+    above threshold (None if never), and training seconds in all. Seconds count from the first evaluation
+    (step 0), so the start's pass@k and model loading, the same for every variant, are left out."""
+    from mlx_rl.runs import read_jsonl
+
+    rows = list(read_jsonl(Path(run_dir) / "metrics.jsonl"))
+    evals = [r for r in rows if "eval/accuracy" in r]
+    t0 = rows[0]["wall_s"] if rows else 0.0
+    first = next((r for r in evals if r["eval/accuracy"] >= threshold), None)
+    return {"final_accuracy": evals[-1]["eval/accuracy"] if evals else None,
+            "time_to_90_s": round(first["wall_s"] - t0, 1) if first else None,
+            "train_s": round(rows[-1]["wall_s"] - t0, 1) if rows else None}
+
+
+def family_table(rows, task, before):
+    fmt = lambda v: f"{v:.1%}" if isinstance(v, float) else "-"  # noqa: E731
+    secs = lambda v: f"{v:.0f} s" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    lines = [f"GRPO's family on {task}, every variant at its defaults from one checkpoint (held-out greedy accuracy "
+             f"{fmt(before)} at the start). Time to 90%: seconds of training to the first evaluation at 90% or more. "
+             "Wall time: training, then the whole command (loading, pass@k at start and end, plots).", "",
+             "| variant | status | final accuracy | time to 90% | wall time (training) | wall time (command) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['status']} | {fmt(r.get('final_accuracy'))} | {secs(r.get('time_to_90_s'))} | "
+                     f"{secs(r.get('train_s'))} | {secs(r['wall_s'])} |")
+    return lines
+
+
+def plot_family(run_dirs, labels, path, title):
+    """One figure, four panels, one line per run: held-out accuracy, entropy, completion length, clip fraction
+    against seconds of training (from the first evaluation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mlx_rl.plots import load_series, smooth
+
+    panels = [("eval/accuracy", "held-out greedy accuracy"), ("policy/entropy", "entropy (nats per token)"),
+              ("policy/completion_len", "completion length (tokens)"), ("policy/clipfrac", "clip fraction")]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    for run_dir, label in zip(run_dirs, labels):
+        series = load_series(run_dir)
+        t0 = min((w[0] for _, _, w in series.values() if w), default=0.0)
+        for ax, (metric, _) in zip(axes, panels):
+            if metric in series:
+                _, ys, walls = series[metric]
+                xs = [w - t0 for w in walls]
+                ax.plot(xs, ys if metric == "eval/accuracy" else smooth(ys, 3), label=label, lw=1.4,
+                        marker="o" if metric == "eval/accuracy" else None, ms=3)
+    for ax, (_, name) in zip(axes, panels):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("seconds of training", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def pass_at_k_of(ckpt, task, json_path, ks=PASS_K):
+    """pass@k of a checkpoint on the task's held-out prompts (`mlx-rl eval --pass-k ... --json`), or None."""
+    p = subprocess.run(MLXRL + ["eval", "--model", str(ckpt), "--task", task, "--pass-k", ks, "--samples", "0", "--json"],
+                       capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        return None
+    json_path.write_text(p.stdout)
+    figures = json.loads(p.stdout)
+    return {k: v for k, v in figures.items() if k.startswith("pass@") or k == "eval/accuracy"}
+
+
+def pass_at_k_table(passes):
+    ks = [f"pass@{k}" for k in PASS_K.split(",")]
+    lines = ["| checkpoint | greedy accuracy | " + " | ".join(ks) + " |", "|---|---|" + "---|" * len(ks)]
+    for name, figures in passes.items():
+        figures = figures or {}
+        cells = [f"{figures[k]:.1%}" if k in figures else "-" for k in ["eval/accuracy", *ks]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def first_eval_of_checkpoint(ckpt, task, json_path):
     """Held-out greedy accuracy of the starting checkpoint (the 'before' figure)."""
     p = subprocess.run(MLXRL + ["eval", "--model", str(ckpt), "--task", task, "--json"], capture_output=True,
@@ -176,7 +318,7 @@ def first_eval_of_checkpoint(ckpt, task, json_path):
     if p.returncode != 0:
         return None
     json_path.write_text(p.stdout)
-    return json.loads(p.stdout)["eval/accuracy"]
+    return json.loads(p.stdout).get("eval/accuracy")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ COMMANDS = {
     "eval": "mlx_rl.tools.evaluate",
     "plot": "mlx_rl.plots",
     "profile": "mlx_rl.tools.profile",
+    "report": "mlx_rl.report",
     "tasks": "mlx_rl.tools.evaluate",
 }
 

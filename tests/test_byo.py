@@ -20,13 +20,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx_rl  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import pytest
 
-from mlx_rl import lora, tasks, train
+import mlx_rl
 from mlx_rl.cli import main
-from mlx_rl.logprobs import completion_batch, token_logprobs
+from mlx_rl.data import tasks
+from mlx_rl.engine import lora
+from mlx_rl.engine.logprobs import completion_batch, token_logprobs
+from mlx_rl.engine.session import Reference
+from mlx_rl.engine.update import make_optimizer, make_update
 from mlx_rl.testing import ARCHS, build_checkpoint, checkpoint_weights
 
 CHAPTERS = ["pretrain", "grpo", "ppo", "dpo"]
@@ -35,14 +38,14 @@ RL_CHAPTERS = ["grpo", "ppo", "dpo"]
 # Two steps with the smallest batches each chapter takes; the KL terms are on so the reference runs.
 CHAPTER_ARGS = {
     "pretrain": ["--batch-size", "4"],
-    "grpo": ["--group-size", "2", "--prompts-per-step", "2", "--beta", "0.04"],
+    "grpo": ["--group-size", "2", "--prompts-per-step", "2", "--beta", "0.04", "--pass-k", ""],  # no pass@k: it samples
     "ppo": ["--rollout-batch", "4", "--minibatch-size", "4", "--kl-coef", "0.05", "--value-warmup", "0"],
     "dpo": ["--batch-size", "2", "--pair-prompts", "6", "--samples-per-prompt", "2"],
 }
 
 
 def available(chapter):
-    return chapter == "pretrain" or (Path(mlx_rl.__file__).parent / f"{chapter}.py").exists()
+    return (Path(mlx_rl.__file__).parent / "chapters" / f"{chapter}.py").exists()
 
 
 @pytest.fixture(scope="session")
@@ -66,21 +69,24 @@ def mlx_load(path, **kw):
     return load(str(path), **kw)
 
 
+def length_reward(completions, **kwargs):
+    return [(len(c) % 4) / 3.0 for c in completions]
+
+
 @pytest.fixture
 def varied_reward(monkeypatch):
     """Random tiny models never earn the task's reward, so every group would carry zero signal:
-    reward the completion's length instead (deterministic, varies between samples)."""
-    monkeypatch.setattr(tasks.Task, "reward", lambda self, prompt, completion: (len(completion) % 4) / 3.0)
+    the built-in tasks reward the completion's length instead (deterministic, varies between samples)."""
+    monkeypatch.setattr(tasks.BuiltinTask, "reward_specs", (length_reward,))
+    monkeypatch.setattr(tasks.BuiltinTask, "reward_weights", (1.0,))
 
 
 @pytest.fixture(autouse=True)
 def no_plots(monkeypatch):
-    """Drawing PNGs is most of a two-step run's time and is tested elsewhere."""
-    import importlib
+    """Drawing PNGs is most of a two-step run's time and is tested elsewhere (the loop draws them at the end)."""
+    import mlx_rl.plots
 
-    for chapter in CHAPTERS:
-        if available(chapter):
-            monkeypatch.setattr(importlib.import_module(f"mlx_rl.{chapter}"), "plot_run", lambda *a, **k: None)
+    monkeypatch.setattr(mlx_rl.plots, "plot_run", lambda *a, **k: None)
 
 
 def run_chapter(tmp_path, chapter, model, *extra):
@@ -149,7 +155,7 @@ def test_every_eos_id_stops_sampling(ckpt):
     """Sampling stops at whichever of the tokenizer's EOS ids comes out (rollout.generate)."""
     import mlx.nn as nn
 
-    from mlx_rl.rollout import generate
+    from mlx_rl.engine.sampling import generate
 
     model, tokenizer = mlx_load(ckpt("llama"))
 
@@ -173,10 +179,9 @@ def test_every_eos_id_stops_sampling(ckpt):
 
 def lora_step(model, tokenizer, steps=1, compile=False):
     """Train the adapters a step on a fixed batch, so they are non-zero."""
-    from mlx_rl.pretrain import pretrain_loss
-    from mlx_rl.runs import PhaseTimer
+    from mlx_rl.chapters.pretrain import pretrain_loss
 
-    update = train.make_update(model, train.make_optimizer(1e-2, 10), pretrain_loss, compile=compile)
+    update = make_update(model, make_optimizer(1e-2, 10), pretrain_loss, compile=compile)
     prompts = [tokenizer.encode(p) for p in ["07+45=", "sort:53913=", "12+34="]]
     answers = [tokenizer.encode(a, add_special_tokens=False) for a in ["250", "13359", "640"]]
     n = max(map(len, answers))
@@ -184,7 +189,7 @@ def lora_step(model, tokenizer, steps=1, compile=False):
     mask = [[1] * len(a) + [0] * (n - len(a)) for a in answers]
     tokens, loss_mask = completion_batch(prompts, ids, mask, 0)
     for _ in range(steps):
-        update(tokens, loss_mask, timer=PhaseTimer())
+        update(tokens, loss_mask, loss_mask.sum())
     return tokens
 
 
@@ -193,7 +198,7 @@ def test_lora_reference_is_the_base_model_exactly(ckpt, arch, bits, compile):
     base, _ = mlx_load(ckpt(arch, bits))
     model, tokenizer = mlx_load(ckpt(arch, bits))
     lora.apply_lora(model, rank=4, num_layers=-1, scale=20.0)
-    reference = train.Reference(model)
+    reference = Reference(model)
     assert reference.model.model is model  # the policy itself: no second copy of the weights
     tokens = lora_step(model, tokenizer, compile=compile)  # the compiled update step trains LoRA too
     assert all(mx.abs(m.lora_b).max().item() > 0 for _, m in lora.lora_modules(model))
@@ -209,7 +214,7 @@ def test_lora_reference_is_the_base_model_exactly(ckpt, arch, bits, compile):
 def test_full_finetune_reference_unchanged(ckpt):
     """Without LoRA, Reference is still a frozen model object of its own (the existing behaviour)."""
     model, _ = mlx_load(ckpt("qwen3"))
-    reference = train.Reference(model)
+    reference = Reference(model)
     assert type(reference.model) is type(model) and reference.model is not model
 
 
@@ -217,7 +222,7 @@ def test_lora_peak_memory_below_a_second_copy(tmp_path):
     """Reference log-probs plus one update: adapters off vs. a second loaded copy of the base."""
     from mlx_lm.utils import get_total_parameters
 
-    from mlx_rl.logprobs import reference_logprobs
+    from mlx_rl.engine.logprobs import reference_logprobs
 
     path = build_checkpoint(tmp_path / "bigger", "qwen3", hidden_size=256, intermediate_size=1024,
                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
@@ -232,7 +237,7 @@ def test_lora_peak_memory_below_a_second_copy(tmp_path):
             ref_model, _ = mlx_load(path)
             ref = reference_logprobs(ref_model, tokens)
         else:
-            ref = train.Reference(model).logprobs(tokens)
+            ref = Reference(model).logprobs(tokens)
         mx.eval(ref)
         lora_step(model, tokenizer)
         return mx.get_peak_memory(), get_total_parameters(model) * 4

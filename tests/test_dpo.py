@@ -7,10 +7,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_rl import dpo, train
+from mlx_rl.chapters import dpo
 from mlx_rl.config import MlxRlError
+from mlx_rl.data.pairs import build_pairs, pair_batch, read_pairs, tokenize_pairs
+from mlx_rl.data.rewards import load_rewards
+from mlx_rl.data.tasks import get_task
+from mlx_rl.engine.logprobs import sequence_logprobs
+from mlx_rl.engine.update import make_optimizer, make_update
 from mlx_rl.runs import PhaseTimer
-from mlx_rl.tasks import get_task
 
 
 # --- the maths against a numpy reference --------------------------------------------
@@ -42,7 +46,7 @@ def test_loss_matches_numpy(loss_type, eps, beta):
 
 
 def test_chosen_nll_is_per_token():
-    nll = dpo.chosen_nll(mx.array([-2.0, -4.0]), mx.array([2.0, 6.0]))
+    nll = dpo.chosen_nll(mx.array([-2.0, -4.0]), mx.array(2.0 + 6.0))  # two answers of 2 and 6 tokens
     assert nll.item() == pytest.approx(6.0 / 8.0)
 
 
@@ -52,24 +56,34 @@ def test_chosen_nll_is_per_token():
 def text_pairs(tokenizer, n=6):
     task = get_task("addition")
     records = []
-    for i, p in enumerate(task.prompts("train", n, seed=0)):
-        right = task.correct_completion(p)
-        records.append({"prompt": p, "chosen": right, "rejected": right[::-1] + "9" * (i % 2), "where": f"x:{i}"})
-    return dpo.tokenize_pairs(records, tokenizer)
+    for i, row in enumerate(task.train_rows(np.random.default_rng(0), n, distinct=True)):
+        right = row["answer"]
+        records.append({"prompt": row["prompt"], "chosen": right, "rejected": right[::-1] + "9" * (i % 2), "where": f"x:{i}"})
+    return tokenize_pairs(records, tokenizer)
+
+
+def batch_counts(pairs, idx):
+    """The loss's global counts for a batch of pairs: (n_pairs, n_chosen_tokens)."""
+    return mx.array(float(len(idx))), mx.array(float(sum(len(pairs.chosen_ids[i]) for i in idx)))
 
 
 def test_step_zero_loss_is_log2_and_margins_zero(micro_model):
     model, tokenizer, _ = micro_model
     pairs = dpo.compute_reference(model, text_pairs(tokenizer))
-    tokens, mask, ref = dpo.pair_batch(pairs, np.arange(len(pairs)))
-    loss, m = dpo.make_loss_fn(0.1)(model, tokens, mask, ref)
+    idx = np.arange(len(pairs))
+    tokens, mask, ref = pair_batch(pairs, idx)
+    counts = batch_counts(pairs, idx)
+    loss, m = dpo.make_loss_fn(0.1)(model, tokens, mask, ref, *counts)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
     for k in ("dpo/margin", "dpo/reward_chosen", "dpo/reward_rejected"):
         assert abs(m[k].item()) < 1e-5
     # with the NLL term the DPO part is still log 2, and the total adds the chosen answers' NLL
-    loss, m = dpo.make_loss_fn(0.1, rpo_alpha=1.0)(model, tokens, mask, ref)
+    loss, m = dpo.make_loss_fn(0.1, rpo_alpha=1.0)(model, tokens, mask, ref, *counts)
     assert m["loss/dpo"].item() == pytest.approx(math.log(2), abs=1e-5)
     assert loss.item() == pytest.approx(math.log(2) + m["loss/nll"].item(), abs=1e-5)
+    # the NLL is per chosen token: -sum of the chosen answers' log-probs / their token count
+    chosen = sequence_logprobs(model, tokens, mask)[: len(pairs)]
+    assert m["loss/nll"].item() == pytest.approx(-chosen.sum().item() / counts[1].item(), rel=1e-5)
 
 
 def slow_sequence_logprob(model, prompt_ids, answer_ids):
@@ -91,7 +105,7 @@ def test_only_completion_tokens_contribute(micro_model):
     for i in range(len(pairs)):
         assert pairs.ref_chosen[i] == pytest.approx(slow_sequence_logprob(model, pairs.prompt_ids[i], pairs.chosen_ids[i]), abs=1e-4)
         assert pairs.ref_rejected[i] == pytest.approx(slow_sequence_logprob(model, pairs.prompt_ids[i], pairs.rejected_ids[i]), abs=1e-4)
-    tokens, mask, _ = dpo.pair_batch(pairs, np.arange(len(pairs)))
+    tokens, mask, _ = pair_batch(pairs, np.arange(len(pairs)))
     # the mask marks exactly the answer tokens (EOS included): never the prompt, never padding
     n_answer = sum(map(len, pairs.chosen_ids)) + sum(map(len, pairs.rejected_ids))
     assert mask.sum().item() == n_answer
@@ -100,24 +114,26 @@ def test_only_completion_tokens_contribute(micro_model):
     prompt_len = np.array([len(p) for p in pairs.prompt_ids] * 2)
     keep_prompt = mx.array(np.arange(tokens.shape[1])[None, :] < prompt_len[:, None])
     junk = mx.where(keep_prompt, tokens, junk)
-    a = dpo.sequence_logprobs(model, tokens, mask)
-    b = dpo.sequence_logprobs(model, junk, mask)
+    a = sequence_logprobs(model, tokens, mask)
+    b = sequence_logprobs(model, junk, mask)
     assert mx.allclose(a, b, atol=1e-5).item()
 
 
 def test_update_has_gradients_and_lowers_the_loss(micro_model):
-    from mlx_rl.models import new_tiny_model
+    from mlx_rl.engine.models import new_tiny_model
 
     model, tokenizer, _ = new_tiny_model("micro", seed=1)  # a fresh copy: this test trains it
     pairs = dpo.compute_reference(model, text_pairs(tokenizer, 8))
-    batch = dpo.pair_batch(pairs, np.arange(8))
-    optimizer = train.make_optimizer(1e-3, 10)
-    update = train.make_fused_update(model, optimizer, dpo.make_loss_fn(0.1), 1.0)
+    batch = (*pair_batch(pairs, np.arange(8)), *batch_counts(pairs, np.arange(8)))
+    optimizer = make_optimizer(1e-3, 10)
+    timer = PhaseTimer()
+    update = make_update(model, optimizer, dpo.make_loss_fn(0.1), 1.0, timer=timer)
     losses = []
     for _ in range(8):
-        loss, m, grad_norm = update(*batch, timer=PhaseTimer())
+        loss, m, grad_norm = update(*batch)
         assert grad_norm.item() > 0
         losses.append(loss.item())
+    assert set(timer.pop()) == {"time/forward_backward_s", "time/optimizer_s"}  # DPO's two phases
     assert losses[0] == pytest.approx(math.log(2), abs=1e-5)
     assert losses[-1] < losses[0] - 0.05
     assert m["dpo/accuracy"].item() > 0.5
@@ -126,9 +142,14 @@ def test_update_has_gradients_and_lowers_the_loss(micro_model):
 def test_build_pairs_keeps_sampled_ids(micro_model):
     model, tokenizer, _ = micro_model
     task = get_task("addition")
+
+    def varied(completions, **kwargs):  # an untrained model scores 0 on the task: every answer ties, no pair
+        return [(sum(map(ord, c)) % 7) / 6 for c in completions]
+
+    task.rewards = load_rewards([varied])
     mx.random.seed(0)
-    prompts = task.prompts("train", 16, seed=0)
-    pairs, rows, metrics = dpo.build_pairs(model, tokenizer, task, prompts, 4)
+    prompts = task.train_rows(np.random.default_rng(0), 16, distinct=True)
+    pairs, rows, metrics = build_pairs(model, tokenizer, task, prompts, 4)
     assert len(pairs) == len(rows) == metrics["pairs/count"] > 0
     assert metrics["pairs/count"] + metrics["pairs/skipped_prompts"] == 16
     for i, r in enumerate(rows):
@@ -148,13 +169,13 @@ GOOD = {"prompt": "07+45=", "chosen": "250", "rejected": "240"}
     ("{not json", "not valid JSON"),
     ('["a", "b"]', "must be a JSON object"),
     (json.dumps({"prompt": "1+1=", "rejected": "3"}), "missing key 'chosen'"),
-    (json.dumps({"chosen": "2", "rejected": "3"}), "missing key 'prompt'"),
+    (json.dumps({"chosen": "2", "rejected": "3"}), "share no prompt text at their start; add a 'prompt'"),  # implicit
     (json.dumps({**GOOD, "prompt": 5}), "'prompt' must be a string or a list of messages"),
     (json.dumps({**GOOD, "prompt": ""}), "'prompt' is empty"),
     (json.dumps({**GOOD, "chosen": ""}), "'chosen' is empty"),
     (json.dumps({**GOOD, "rejected": None}), "'rejected' must be a string or a list of messages"),
     (json.dumps({**GOOD, "rejected": "250"}), "are the same answer"),
-    (json.dumps({**GOOD, "prompt": [{"role": "user"}]}), "string 'role' and 'content'"),
+    (json.dumps({**GOOD, "prompt": [{"role": "user"}]}), "message 1 of 'prompt' must have a string 'content'"),
     (json.dumps({**GOOD, "prompt": []}), "empty list of messages"),
     (json.dumps({**GOOD, "chosen": [{"role": "user", "content": "250"}]}), "must have role 'assistant'"),
 ])
@@ -162,16 +183,16 @@ def test_loader_rejects_bad_lines(tmp_path, line, message):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(GOOD) + "\n\n" + line + "\n")
     with pytest.raises(MlxRlError) as e:
-        dpo.read_pairs(path)
+        read_pairs(path)
     assert f"{path}:3" in str(e.value) and message in str(e.value)
 
 
 def test_loader_file_errors(tmp_path):
     with pytest.raises(MlxRlError, match="does not exist"):
-        dpo.read_pairs(tmp_path / "missing.jsonl")
+        read_pairs(tmp_path / "missing.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(MlxRlError, match="holds no pairs"):
-        dpo.read_pairs(tmp_path / "empty.jsonl")
+    with pytest.raises(MlxRlError, match="is empty: it holds no rows"):
+        read_pairs(tmp_path / "empty.jsonl")
 
 
 def test_tokenize_text_and_chat_pairs(tmp_path, micro_model):
@@ -180,7 +201,7 @@ def test_tokenize_text_and_chat_pairs(tmp_path, micro_model):
     chat = {"prompt": [{"role": "user", "content": "07+45="}],
             "chosen": [{"role": "assistant", "content": "250"}], "rejected": "240", "extra": 1}
     path.write_text(json.dumps(GOOD) + "\n" + json.dumps(chat) + "\n")
-    pairs = dpo.tokenize_pairs(dpo.read_pairs(path), tokenizer)
+    pairs = tokenize_pairs(read_pairs(path), tokenizer)
     eos = tokenizer.eos_token_id
     assert pairs.prompt_ids[0] == tokenizer.encode("07+45=")  # BOS + prompt, on its own
     assert pairs.chosen_ids[0] == tokenizer.encode("250", add_special_tokens=False) + [eos]
@@ -199,7 +220,7 @@ def test_chat_prompt_needs_a_chat_template(tmp_path, micro_model):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({**GOOD, "prompt": [{"role": "user", "content": "07+45="}]}) + "\n")
     with pytest.raises(MlxRlError, match=r"pairs.jsonl:1: .*no chat template"):
-        dpo.tokenize_pairs(dpo.read_pairs(path), NoTemplate())
+        tokenize_pairs(read_pairs(path), NoTemplate())
 
 
 # --- command-line smoke runs ------------------------------------------------------------
@@ -210,23 +231,25 @@ def test_cli_dpo_from_file_and_resume(tmp_path, micro_checkpoint):
 
     pairs = tmp_path / "pairs.jsonl"
     task = get_task("addition")
-    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": task.correct_completion(p), "rejected": "000"}) + "\n"
-                             for p in task.prompts("train", 8, seed=0)))
+    pairs.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["answer"], "rejected": "000"}) + "\n"
+                             for r in task.train_rows(np.random.default_rng(0), 8, distinct=True)))
     out = tmp_path / "run"
     common = ["--batch-size", "2", "--eval-prompts", "10", "--eval-every", "2"]
     main(["dpo", "--model", str(micro_checkpoint), "--pairs", str(pairs), "--steps", "2", "--out", str(out), *common])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert rows[1]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-4)
-    for name in ("loss/total", "dpo/margin", "dpo/accuracy", "dpo/reward_chosen", "dpo/logp_chosen", "optim/grad_norm", "time/update_s"):
-        assert name in rows[1]
+    for name in ("loss/total", "dpo/margin", "dpo/accuracy", "dpo/reward_chosen", "dpo/logp_chosen", "optim/grad_norm",
+                 "time/forward_backward_s", "time/optimizer_s"):  # the update's two phases, as in every chapter
+        assert name in rows[1], name
     assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[2]
     # --resume continues with the same pairs and reference log-probs, up to the end of the epoch
     main(["dpo", "--resume", str(out), "--steps", "4"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 4 and "accuracy_before" in summary
+    assert summary["steps"] == 4 and summary["before"]["eval/accuracy"] == rows[0]["eval/accuracy"]
+    assert "eval/accuracy" in summary["after"] and {"forward_backward", "optimizer"} <= set(summary["phase_seconds"])
 
 
 def test_cli_on_policy_pairs(tmp_path, micro_checkpoint):
@@ -234,7 +257,7 @@ def test_cli_on_policy_pairs(tmp_path, micro_checkpoint):
 
     out = tmp_path / "pairs.jsonl"
     main(["dpo-pairs", "--model", str(micro_checkpoint), "--pair-prompts", "16", "--out", str(out)])
-    assert dpo.read_pairs(out)
+    assert read_pairs(out)
     run = tmp_path / "run"
     main(["dpo", "--model", str(micro_checkpoint), "--rounds", "2", "--pair-prompts", "16",
           "--batch-size", "2", "--eval-prompts", "10", "--steps", "3", "--out", str(run)])
@@ -268,6 +291,6 @@ def test_default_run_gets_past_the_plateau(tmp_path):
     main(["pretrain", "--out", str(tmp_path / "pretrain")])
     main(["dpo", "--model", str(tmp_path / "pretrain" / "checkpoint"), "--out", str(tmp_path / "dpo")])
     summary = json.loads((tmp_path / "dpo" / "summary.json").read_text())
-    assert summary["eval/accuracy"] >= 0.85
-    assert summary["eval/accuracy"] - summary["accuracy_before"] >= 0.25
+    assert summary["after"]["eval/accuracy"] >= 0.85
+    assert summary["after"]["eval/accuracy"] - summary["before"]["eval/accuracy"] >= 0.25
     assert summary["wall_s"] < 600

@@ -3,18 +3,23 @@
 import json
 import types
 
-import mlx_rl  # noqa: F401  (preloads OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_rl import ppo, train
-from mlx_rl.icemaze import discounted_returns
-from mlx_rl.models import new_tiny_model
+from mlx_rl.chapters import ppo
+from mlx_rl.chapters.icemaze import discounted_returns
+from mlx_rl.data.rewards import load_rewards
+from mlx_rl.data.tasks import get_task
+from mlx_rl.engine.distributed import World
+from mlx_rl.engine.logprobs import completion_batch, token_logprobs
+from mlx_rl.engine.models import new_tiny_model
+from mlx_rl.engine.sampling import generate
+from mlx_rl.engine.session import Reference
+from mlx_rl.engine.update import make_optimizer, make_update
 from mlx_rl.runs import PhaseTimer
-from mlx_rl.tasks import get_task
 
 
 # --- the maths ----------------------------------------------------------------------
@@ -149,22 +154,18 @@ def small_cfg(**kw):
 
 
 def rollout_arrays(model, tokenizer, n=8, seed=0):
-    from mlx_rl.logprobs import completion_batch
-    from mlx_rl.rollout import generate
-
     task = get_task("addition")
     mx.random.seed(seed)
-    prompts = task.prompts("train", n, seed=seed)
-    r = generate(model, tokenizer, prompts, task.max_new_tokens, 1.0)
+    rows = task.train_rows(np.random.default_rng(seed), n, distinct=True)
+    r = generate(model, tokenizer, rows, task.max_new_tokens, 1.0)
     return completion_batch(r.prompt_ids, r.completion_ids, r.mask, tokenizer.pad_token_id)
 
 
 def test_policy_forward_matches_the_models_own_forward(micro):
-    from mlx_rl.logprobs import token_logprobs
-
+    """The value head's features come from the policy's own pass: token_logprobs(..., return_hidden=True)."""
     model, tokenizer, _ = micro
     tokens, _ = rollout_arrays(model, tokenizer)
-    logprobs, entropy, hidden = ppo.policy_forward(model, tokens, 0.7)
+    logprobs, entropy, hidden = token_logprobs(model, tokens, 0.7, return_hidden=True)
     ref_lp, ref_ent = token_logprobs(model, tokens, 0.7)
     np.testing.assert_allclose(np.array(logprobs), np.array(ref_lp), atol=1e-5)
     np.testing.assert_allclose(np.array(entropy), np.array(ref_ent), atol=1e-4)
@@ -175,79 +176,98 @@ def test_policy_forward_matches_the_models_own_forward(micro):
 def test_gradients_reach_value_head_and_policy(micro):
     model, tokenizer, _ = micro
     tokens, mask = rollout_arrays(model, tokenizer)
-    old_logprobs, _, features = ppo.policy_forward(model, tokens)
+    old_logprobs, _, features = token_logprobs(model, tokens, return_hidden=True)
     rng = np.random.default_rng(0)
     advantages = mx.array(rng.normal(size=mask.shape).astype(np.float32)) * mask
     norm = lambda tree: sum(mx.abs(v).sum().item() for _, v in tree_flatten(tree))  # noqa: E731
 
     policy_fn = ppo.make_policy_loss(clip_eps=0.2, temperature=1.0)
-    (loss, _), grads = nn.value_and_grad(model, lambda *a: policy_fn(model, *a))(tokens, mask, old_logprobs, advantages)
+    (loss, _), grads = nn.value_and_grad(model, lambda *a: policy_fn(model, *a))(tokens, mask, old_logprobs, advantages,
+                                                                                 mask.sum())
     assert norm(grads["model"]["layers"]) > 0 and norm(grads["model"]["embed_tokens"]) > 0
 
     head = ppo.ValueHead(model.args.hidden_size)
     value_fn = ppo.make_value_loss(value_clip=0.2)
     returns = mx.ones(mask.shape) * mask
-    (loss, _), grads = nn.value_and_grad(head, lambda *a: value_fn(head, *a))(features, mask, head(features), returns)
+    (loss, _), grads = nn.value_and_grad(head, lambda *a: value_fn(head, *a))(features, mask, head(features), returns,
+                                                                             mask.sum())
     assert norm(grads["linear"]["weight"]) > 0 and norm(grads["linear"]["bias"]) > 0
     assert loss.item() == pytest.approx(0.5)  # V = 0, R = 1 on every completion token
 
 
 def setup_step(micro, cfg, task=None):
+    """What ppo_step reads from a Session: a copy of the micro model (with its frozen reference), the task, RNG, timer."""
     model, tokenizer, _ = micro
     policy = type(model)(model.args)
     policy.update(model.parameters())
-    session = types.SimpleNamespace(model=policy, tokenizer=tokenizer, task=task or get_task("addition"), rng=np.random.default_rng(0))
+    session = types.SimpleNamespace(model=policy, tokenizer=tokenizer, task=task or get_task("addition"),
+                                    rng=np.random.default_rng(0), timer=PhaseTimer(), reference=Reference(policy),
+                                    world=World())
     head = ppo.ValueHead(model.args.hidden_size)
-    update_policy = train.make_update(policy, train.make_optimizer(cfg.lr, 10), ppo.make_policy_loss(cfg.clip_eps, 1.0), 1.0, cfg.compile)
-    update_value = train.make_update(head, train.make_optimizer(cfg.value_lr, 10), ppo.make_value_loss(cfg.value_clip), 1.0, cfg.compile)
+    update_policy = make_update(policy, make_optimizer(cfg.lr, 10), ppo.make_policy_loss(cfg.clip_eps, 1.0), 1.0, cfg.compile)
+    update_value = make_update(head, make_optimizer(cfg.value_lr, 10), ppo.make_value_loss(cfg.value_clip), 1.0, cfg.compile)
     return session, head, update_policy, update_value
+
+
+def varied_reward(completions, **kwargs):
+    return [(sum(map(ord, c)) % 7) / 6 for c in completions]  # deterministic, differs between samples
 
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_first_epoch_ratio_is_exactly_one(micro, compile):
     cfg = small_cfg(epochs=1, compile=compile)  # the first epoch's first minibatch: old == new exactly
-    session, head, update_policy, update_value = setup_step(micro, cfg)
-    reference = train.Reference(session.model)
+    task = get_task("addition")
+    task.rewards = load_rewards([varied_reward])  # an untrained model scores 0 on the task: no advantage, no update
+    session, head, update_policy, update_value = setup_step(micro, cfg, task)
+    N = session.task.max_new_tokens
     first = {}
 
-    def first_update(*arrays, timer):
-        out = update_policy(*arrays, timer=timer)
+    def first_update(*arrays):
+        out = update_policy(*arrays)
         first.setdefault("metrics", {k: v.item() for k, v in out[1].items()})
         return out
 
     mx.random.seed(0)
-    row = ppo.ppo_step(cfg, session, head, reference, first_update, update_value, 0.05, 0, PhaseTimer())
+    row = ppo.ppo_step(cfg, session, head, first_update, update_value, 0.05, 0, N)
+    assert row["reward/std"] > 0  # the rewards carry signal, so the first step moves the policy
     m = first["metrics"]
     assert m["policy/ratio_min"] == 1.0 and m["policy/ratio_max"] == 1.0 and m["policy/ratio_mean"] == 1.0
     assert m["policy/clipfrac"] == 0.0 and m["kl/approx"] == 0.0
     assert row["kl/k3"] == 0.0  # the policy still equals its reference
     first.clear()
-    row = ppo.ppo_step(cfg, session, head, reference, first_update, update_value, 0.05, 1, PhaseTimer())
+    row = ppo.ppo_step(cfg, session, head, first_update, update_value, 0.05, 1, N)
     assert first["metrics"]["policy/ratio_min"] == 1.0 and first["metrics"]["policy/ratio_max"] == 1.0  # again, after a step
     assert row["kl/k3"] > 0 and row["value/mean"] != 0  # the policy and the value head moved
 
 
 def test_value_warmup_leaves_the_policy_unchanged(micro):
     task = get_task("addition")
-    task.reward = lambda prompt, completion: 1.0  # an untrained model scores 0: give the critic something to learn
-    cfg = small_cfg(value_warmup=1, value_clip=0.0)
+
+    def always_one(completions, **kwargs):  # an untrained model scores 0: give the critic something to learn
+        return [1.0] * len(completions)
+
+    task.rewards = load_rewards([always_one])
+    cfg = small_cfg(value_warmup=1, value_clip=0.0, kl_coef=0.0)
     session, head, update_policy, update_value = setup_step(micro, cfg, task)
+    session.reference = None  # kl_coef = 0: the reference is never asked for
+    N = task.max_new_tokens
     before = {k: np.array(v) for k, v in tree_flatten(session.model.parameters())}
-    row = ppo.ppo_step(cfg, session, head, None, update_policy, update_value, 0.0, 0, PhaseTimer())
+    row = ppo.ppo_step(cfg, session, head, update_policy, update_value, 0.0, 0, N)
     after = dict(tree_flatten(session.model.parameters()))
     assert all(np.array_equal(before[k], np.array(after[k])) for k in before)
     assert "loss/policy" not in row and row["loss/value"] > 0
     assert np.abs(np.array(head.linear.weight)).sum() > 0
     # the critic learns: on the same features its error falls
-    row2 = ppo.ppo_step(cfg, session, head, None, update_policy, update_value, 0.0, 0, PhaseTimer())
+    row2 = ppo.ppo_step(cfg, session, head, update_policy, update_value, 0.0, 0, N)
     assert row2["value/mean"] > row["value/mean"]
 
 
 # --- the command ----------------------------------------------------------------------
 
 
-def test_cli_runs_saves_value_head_and_resumes(tmp_path, micro_checkpoint):
+def test_cli_runs_saves_value_head_and_resumes(tmp_path, micro_checkpoint, monkeypatch):
     from mlx_rl.cli import main
+    from mlx_rl.engine import session as session_module
 
     out = tmp_path / "run"
     common = ["--rollout-batch", "16", "--minibatch-size", "8", "--value-epochs", "2", "--eval-prompts", "16", "--eval-every", "1", "--value-warmup", "1"]
@@ -263,23 +283,29 @@ def test_cli_runs_saves_value_head_and_resumes(tmp_path, micro_checkpoint):
                  "time/generate_s", "time/forward_backward_s", "eval/accuracy"]:
         assert name in rows[2], name
     saved_head = mx.load(str(ckpt / ppo.VALUE_HEAD_FILE))
+    saved_state = mx.load(str(ckpt / "trainer_state.safetensors"))  # both optimizers' states
+    assert saved_state["optimizer.value.step"].item() > 0 and "optimizer.policy.step" in saved_state
 
     # --resume restores the value head: compare it with the saved one before training continues
     seen = {}
-    original = ppo.load_value_head
+    original_head, original_optimizer = ppo.load_value_head, session_module.restore_optimizer
 
-    def spy(head, opt, path):
-        original(head, opt, path)
+    def spy_head(head, path):
+        original_head(head, path)
         seen.update({k: np.array(v) for k, v in tree_flatten(head.parameters())})
-        seen["step"] = opt.state["step"].item()
 
-    ppo.load_value_head = spy
-    try:
-        main(["ppo", "--resume", str(out), "--steps", "3"])
-    finally:
-        ppo.load_value_head = original
+    def spy_optimizer(path, name, optimizer):
+        original_optimizer(path, name, optimizer)
+        seen[f"{name}_step"] = optimizer.state["step"].item()
+
+    monkeypatch.setattr(ppo, "load_value_head", spy_head)
+    monkeypatch.setattr(session_module, "restore_optimizer", spy_optimizer)
+    main(["ppo", "--resume", str(out), "--steps", "3"])
+    monkeypatch.undo()
     np.testing.assert_array_equal(seen["linear.weight"], np.array(saved_head["linear.weight"]))
-    assert seen["step"] == saved_head["optimizer.step"].item() > 0  # its optimizer state too
+    np.testing.assert_array_equal(seen["linear.bias"], np.array(saved_head["linear.bias"]))
+    assert seen["value_step"] == saved_state["optimizer.value.step"].item() > 0  # its optimizer state too
+    assert seen["policy_step"] == saved_state["optimizer.policy.step"].item()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
@@ -297,6 +323,6 @@ def test_default_run_lifts_accuracy(tmp_path):
     out = tmp_path / "ppo"
     main(["ppo", "--model", ckpt, "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["eval/accuracy"] >= 0.9
-    assert summary["eval/accuracy"] - summary["start_accuracy"] >= 0.25
+    assert summary["after"]["eval/accuracy"] >= 0.9
+    assert summary["after"]["eval/accuracy"] - summary["before"]["eval/accuracy"] >= 0.25
     assert summary["wall_s"] < 600

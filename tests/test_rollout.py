@@ -15,7 +15,8 @@ from mlx_lm.utils import _get_classes
 
 from mlx_rl.engine.logprobs import completion_batch, token_logprobs, top_p_filter
 from mlx_rl.engine.models import new_tiny_model
-from mlx_rl.engine.sampling import PaddedKVCache, batch_cache, distinct_rows, generate
+from mlx_rl.data.datasets import prompt_messages, prompt_text
+from mlx_rl.engine.sampling import PaddedKVCache, batch_cache, distinct_rows, encode_prompts, generate, row_keys
 
 ATOL = 1e-5
 PROMPTS = ["12+34=", "1+2=", "sort:5391=", "x", "12+34=", "1+2=", "12+34=", "hello"]
@@ -55,6 +56,22 @@ def teacher_forced_from(logprobs, mask, shape):
         picked = logprobs[i][mask[i] > 0]
         out[i, : len(picked)] = picked
     return out
+
+
+def test_prompts_may_be_strings_or_dataset_rows(micro):
+    """A row {"prompt", "system"} is encoded as the data module writes it: system + newline + prompt, or with
+    the chat template the system and user messages; a messages prompt always goes through the template."""
+    model, tokenizer = micro
+    plain, with_system = {"prompt": "1+2=", "answer": "3"}, {"prompt": "1+2=", "system": "sum:"}
+    chat = {"prompt": [{"role": "user", "content": "1+2="}]}
+    ids = encode_prompts(tokenizer, ["1+2=", plain, with_system, chat])
+    assert ids[0] == ids[1] == tokenizer.encode("1+2=")
+    assert ids[2] == tokenizer.encode(prompt_text(with_system)) == tokenizer.encode("sum:\n1+2=")
+    assert ids[3] == list(tokenizer.apply_chat_template(prompt_messages(chat), add_generation_prompt=True))
+    templated = encode_prompts(tokenizer, [with_system], chat_template=True)[0]
+    assert templated == list(tokenizer.apply_chat_template(prompt_messages(with_system), add_generation_prompt=True))
+    r = generate(model, tokenizer, [plain, with_system], 3, temperature=0)
+    assert r.prompts == [plain, with_system] and r.prompt_ids == ids[1:3]
 
 
 def test_shapes_and_masks(micro):
@@ -152,6 +169,42 @@ def test_repeated_prompts_share_one_prefill_but_sample_independently(micro):
     r = generate(model, tokenizer, ["12+34="] * 16, max_new_tokens=6)
     assert len({tuple(row) for row in np.array(r.completion_ids).tolist()}) > 8  # rows differ
     np.testing.assert_allclose(np.array(r.logprobs), teacher_forced(model, r), atol=ATOL)
+
+
+def test_samples_follow_the_sampling_distribution(micro):
+    """First tokens of 4000 rows of one prompt, each from its own key: their frequencies match
+    softmax(logits / T) (a chi-square check over the tokens expected at least 10 times, the rest pooled)."""
+    model, tokenizer = micro
+    mx.random.seed(5)
+    temperature, n = 0.5, 4000
+    r = generate(model, tokenizer, ["12+34="] * n, max_new_tokens=1, temperature=temperature)
+    logits = np.array(model(mx.array([tokenizer.encode("12+34=")]))[0, -1].astype(mx.float32), dtype=np.float64)
+    p = np.exp(logits / temperature - np.logaddexp.reduce(logits / temperature))
+    counts = np.bincount(np.array(r.completion_ids)[:, 0], minlength=len(p))
+    big = n * p >= 10
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(n * p[big], n * p[~big].sum())
+    chi2 = ((observed - expected) ** 2 / expected).sum()
+    df = len(observed) - 1
+    assert df >= 5  # enough distinct tokens for the check to mean something
+    assert chi2 < df + 6 * np.sqrt(2 * df), (chi2, df)
+
+
+def test_a_rows_sample_depends_on_its_key_not_on_the_rest_of_the_batch(micro):
+    """Each row draws from its own key stream (sampling.row_keys): the same key gives the same completion
+    alone or inside a batch, and a different key a different one."""
+    model, tokenizer = micro
+    prompts = ["12+34=", "56+78=", "90+12=", "34+56="] * 4  # same length: no padding, the same numbers
+    mx.random.seed(0)
+    keys = row_keys(len(prompts))
+    assert keys.shape == (len(prompts), 2)
+    batch = np.array(generate(model, tokenizer, prompts, 6, keys=keys).completion_ids)
+    for i in (0, 5, 11):
+        alone = np.array(generate(model, tokenizer, prompts[i : i + 1], 6, keys=keys[i : i + 1]).completion_ids)
+        assert alone[0].tolist() == batch[i].tolist()
+    shuffled = np.array(generate(model, tokenizer, prompts[::-1], 6, keys=keys[::-1]).completion_ids)
+    assert shuffled[::-1].tolist() == batch.tolist()
+    assert len({tuple(row) for row in batch[::4]}) > 1  # one prompt, four keys: not one completion
 
 
 def test_fixed_length_prompts_use_the_maskless_fast_path(micro):

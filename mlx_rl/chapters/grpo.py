@@ -55,7 +55,7 @@ from mlx_rl.engine.update import current_lr
 
 
 @dataclasses.dataclass
-class GRPOConfig(LLMConfig, family.VariantConfig, family.PassAtKConfig):
+class GRPOConfig(LLMConfig, family.PassAtKConfig, family.VariantConfig):
     steps: int = option(60, "number of GRPO steps (one rollout batch each)", min=1, resumable=True)
     group_size: int = option(8, "completions sampled per prompt (G)", min=2)
     prompts_per_step: int = option(32, "prompts per step (the batch is prompts_per_step x group_size)", min=1)

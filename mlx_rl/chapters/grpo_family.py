@@ -162,7 +162,8 @@ def cispo_objective(ratio, advantages, logprobs, eps_low, eps_high):
     clips the importance weight instead and keeps every token's gradient, A d log pi,
     scaled by the (stopped) weight. The paper sets no lower bound and tunes only the
     upper one: eps_low defaults to 1 (no bound; it is ignored unless below 1) and
-    eps_high to 0.28, DAPO's upper clip, as verl's CISPO does.
+    eps_high to 0.28, DAPO's upper clip (open implementations such as Trinity-RFT's
+    use the same pair).
     """
     lower = 1.0 - eps_low if eps_low < 1.0 else 0.0
     weight = mx.stop_gradient(mx.clip(ratio, lower, 1.0 + eps_high))  # (B, T)
