@@ -190,10 +190,11 @@ def test_return_values_are_checked(tmp_path):
     def score(name, where=None):
         return load_rewards([f"{path}:{name}"]).score(["a", "b"], ["x", "y"], where=where)
 
-    assert error(score, "boom") == f"reward boom ({path}:boom): raised ZeroDivisionError: division by zero (at reward.py:5)"
+    assert error(score, "boom") == (f"reward boom ({path}:boom): row 0 (prompt 'a'): raised ZeroDivisionError: "
+                                     "division by zero (at reward.py:5)")  # the first row it fails on, found one row at a time
     assert error(score, "a_dict") == f"reward a_dict ({path}:a_dict): returned dict, expected a list of 2 numbers (or None)"
     assert error(score, "short").endswith("returned 1 values for 2 completions")
-    assert error(score, "text").endswith(": row 1: returned 'yes' (str), expected a number or None")
+    assert error(score, "text").endswith(": row 1 (prompt 'b'): returned 'yes' (str), expected a number or None")
     assert error(score, "nan", where=["d.jsonl:4", "d.jsonl:9"]).endswith(": row 1 (d.jsonl:9): returned nan, expected a finite number")
     assert "row 1" in error(score, "inf") and "-inf" in error(score, "inf")
     assert "array of shape (2, 1)" in error(score, "matrix")

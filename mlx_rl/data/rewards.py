@@ -451,9 +451,23 @@ class RewardSet:
                 r.seen_non_binary |= bool(np.any((values[ok] != 0) & (values[ok] != 1)))
         return Scores(total.astype(np.float32), per_reward, self.names, [r.weight for r in self.rewards], int((~applied).sum()))
 
+    @staticmethod
+    def failing_row(r, kwargs, B):
+        """After a batch call raised: call the function one row at a time to name the first row it fails on
+        (None if every row alone succeeds). Only on the error path, so it costs nothing in a healthy run."""
+        for i in range(B):
+            one = {k: (v[i : i + 1] if isinstance(v, (list, tuple)) and len(v) == B else v) for k, v in kwargs.items()}
+            try:
+                r.fn(**one)
+            except Exception:
+                return i
+        return None
+
     def call(self, r, keywords, B, where):
         def fail(problem, row=None):
             at = "" if row is None else f": row {row}" + (f" ({where[row]})" if where is not None else "")
+            if row is not None and where is None and isinstance(keywords["prompts"][row], str):
+                at += f" (prompt {keywords['prompts'][row][:40]!r})"
             raise MlxRlError(f"reward {r.label}{at}: {problem}")
 
         kwargs = keywords if r.takes_all else {k: v for k, v in keywords.items() if k in r.params}
@@ -463,7 +477,7 @@ class RewardSet:
         except RowError as e:
             error = (e.problem, e.row)
         except Exception as e:
-            error = (f"raised {exception_line(e)}", None)
+            error = (f"raised {exception_line(e)}", self.failing_row(r, kwargs, B))
         if error:  # raised outside the except block, so no chained traceback comes with it
             fail(*error)
         if isinstance(out, np.ndarray):
