@@ -108,7 +108,7 @@ def rollout_batch(session, rows, cfg, max_new_tokens, keys=None):
         rollout = generate(session.model, session.tokenizer, group_rows, max_new_tokens, cfg.temperature,
                            chat_template=cfg.chat_template, keys=keys)
     with session.timer("reward"):
-        scores = score_rows(session.task, group_rows, rollout.texts)
+        scores = score_rows(session.task, group_rows, rollout.texts, training=True)
     return rollout, group_rows, scores
 
 
@@ -150,7 +150,7 @@ def grpo_step(session, cfg, variant, update, max_new_tokens):
     for name in scores.names:
         values = world.gather(scores.per_reward[name])
         row[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-    if task.rewards.is_verifier():
+    if (task.training_rewards or task.rewards).is_verifier():
         row["train/accuracy"] = row[f"reward/{scores.names[0]}"]
     samples = [
         {"split": "train", "prompt": r["prompt"], "completion": c, "reward": float(x), "advantage": float(a)}

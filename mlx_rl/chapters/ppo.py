@@ -276,7 +276,7 @@ def ppo_step(cfg, session, value_head, update_policy, update_value, kl_coef, ste
         rollout = generate(policy, tokenizer, mine, max_new_tokens, cfg.temperature, chat_template=cfg.chat_template,
                            keys=keys)
     with timer("reward"):
-        scored = score_rows(task, mine, rollout.texts)
+        scored = score_rows(task, mine, rollout.texts, training=True)
         tokens, mask, sampler_logprobs = completion_batch(rollout.prompt_ids, rollout.completion_ids, rollout.mask,
                                                           pad_id, values=rollout.logprobs)
         tokens, mask, sampler_logprobs = (world.gather_rows(tokens, pad_id), world.gather_rows(mask),
@@ -357,7 +357,7 @@ def ppo_step(cfg, session, value_head, update_policy, update_value, kl_coef, ste
         "policy/completion_len": float(masked(mx.ones_like(mask), mask).sum().item() / B),
         "kl/coef": kl_coef,
     })
-    if task.rewards.is_verifier():
+    if (task.training_rewards or task.rewards).is_verifier():
         row["train/accuracy"] = row[f"reward/{scored.names[0]}"]
     if ratio_min != float("inf"):
         row.update({"policy/ratio_min": ratio_min, "policy/ratio_max": ratio_max})

@@ -266,7 +266,7 @@ def build_pairs(model, tokenizer, task, rows, samples_per_prompt, temperature=1.
             texts += r.texts
             prompt_ids += r.prompt_ids
     with timer("reward"):
-        scores = score_rows(task, repeated, texts) if repeated else None
+        scores = score_rows(task, repeated, texts, training=True) if repeated else None
         rewards = scores.total.reshape(len(mine), k) if repeated else np.zeros((0, k))  # (P, k)
     pairs, jsonl = Pairs([], [], []), []
     for i, row in enumerate(mine):
@@ -295,7 +295,7 @@ def build_pairs(model, tokenizer, task, rows, samples_per_prompt, temperature=1.
         "reward/mean": float(mean),
         "reward/std": float(np.sqrt(max(accuracy_sums[3] / max(accuracy_sums[4], 1) - mean ** 2, 0.0))),
     }
-    if task.rewards.is_verifier():
+    if (task.training_rewards or task.rewards).is_verifier():
         metrics["train/accuracy"] = float(accuracy_sums[0] / max(accuracy_sums[1], 1))  # of the sampled answers
     return pairs, jsonl, metrics
 

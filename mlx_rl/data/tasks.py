@@ -67,7 +67,9 @@ class Task:
 
     name = ""
     description = ""
-    rewards = None
+    rewards = None  # the task's own rewards: the verifier, what held-out evaluation reports
+    training_rewards = None  # what the RL chapters train on, when not `rewards` (a learned reward model)
+    eval_rewards = None  # what evaluation scores with, when more than `rewards` (the verifier + the reward model)
     max_new_tokens = 0
 
     def train_rows(self, rng, n, distinct=False):

@@ -22,11 +22,16 @@ import numpy as np
 from mlx_rl.engine.sampling import generate, row_keys
 
 
-def score_rows(task, rows, texts):
-    """Rewards of completions `texts` for dataset `rows`: a Scores (total, per reward)."""
+def score_rows(task, rows, texts, training=False):
+    """Rewards of completions `texts` for dataset `rows`: a Scores (total, per reward).
+
+    training: score with the rewards the policy is trained on (`task.training_rewards`,
+    e.g. a learned reward model) instead of the task's own verifier, which evaluation uses.
+    """
     prompts = [r["prompt"] for r in rows]
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
-    return task.rewards.score(prompts, texts, columns)
+    rewards = (task.training_rewards or task.rewards) if training else (task.eval_rewards or task.rewards)
+    return rewards.score(prompts, texts, columns)
 
 
 def evaluate(model, tokenizer, task, rows, chat_template=False, batch_size=256, n_samples=8, world=None):
@@ -37,7 +42,7 @@ def evaluate(model, tokenizer, task, rows, chat_template=False, batch_size=256, 
         texts += generate(model, tokenizer, mine[i : i + batch_size], task.max_new_tokens, temperature=0.0,
                           chat_template=chat_template).texts
     scores = score_rows(task, mine, texts) if mine else None
-    names = task.rewards.names
+    names = (task.eval_rewards or task.rewards).names
     # sums, so that ranks can add theirs up: [n, total, each reward's sum and count, per-kind right and count]
     kinds = sorted({r.get("kind") for r in rows if isinstance(r.get("kind"), str)})
     sums = np.zeros(2 + 2 * len(names) + 2 * len(kinds), dtype=np.float64)

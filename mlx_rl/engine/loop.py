@@ -42,7 +42,7 @@ def eval_metrics(row):
 
 
 def run(session, step, *, steps, signals, chapter_state=None, chapter_arrays=None, stop_when=None, eval_when=None,
-        details=None):
+        details=None, evaluate=None):
     """Train with `step` until `steps` (an int, or a function giving the current total), then summarise.
 
     signals: {label: metric} shown on the live line. chapter_state() -> JSON-able
@@ -50,6 +50,8 @@ def run(session, step, *, steps, signals, chapter_state=None, chapter_arrays=Non
     checkpoint. stop_when(step, row) ends the run early (a time limit).
     eval_when(step) replaces the every-N-steps evaluation schedule.
     details() -> dict of chapter figures for summary.json, computed at the end.
+    evaluate() -> (metrics, samples) replaces the held-out greedy evaluation (the reward
+    model scores held-out pairs instead).
     """
     cfg, run_dir = session.cfg, session.run
     total = steps if callable(steps) else (lambda: steps)
@@ -57,6 +59,7 @@ def run(session, step, *, steps, signals, chapter_state=None, chapter_arrays=Non
     chapter_state = chapter_state or (lambda: {})
     chapter_arrays = chapter_arrays or (lambda: None)
     live = LiveLine(session.command, total(), session.start_step, signals, enabled=session.world.rank == 0)
+    evaluate = evaluate or session.evaluate
     i = session.start_step
 
     def save(i, finished=False):
@@ -64,7 +67,7 @@ def run(session, step, *, steps, signals, chapter_state=None, chapter_arrays=Non
 
     before = {}
     if i == 0:  # where we start from, so every curve has its first point
-        metrics, samples = session.evaluate()
+        metrics, samples = evaluate()
         run_dir.log_samples(0, samples)
         run_dir.log(0, {**metrics, **session.timer.pop()})
         before = metrics
@@ -88,7 +91,7 @@ def run(session, step, *, steps, signals, chapter_state=None, chapter_arrays=Non
                 i += 1
                 finishing = i >= total() or (stop_when is not None and stop_when(i, row))
                 if eval_when(i) or finishing:
-                    metrics, samples = session.evaluate()
+                    metrics, samples = evaluate()
                     row.update(metrics)
                     after = metrics
                     run_dir.log_samples(i, samples)
