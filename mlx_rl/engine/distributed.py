@@ -46,6 +46,7 @@ class World:
         self.size = group.size() if group is not None else 1
         self.backend = backend
         self.last_progress = time.monotonic()
+        self.bytes_reduced = 0  # payload bytes this rank has put into collectives (for planning multi-machine runs)
 
     @contextmanager
     def guard(self):
@@ -187,6 +188,7 @@ class World:
             return tree
         sizes = [v.size for _, v in flat]
         buffer = mx.concatenate([v.reshape(-1).astype(mx.float32) for _, v in flat])
+        self.bytes_reduced += buffer.size * 4
         buffer = mx.distributed.all_sum(buffer, group=self.group)
         out, offset = [], 0
         for (k, v), n in zip(flat, sizes):

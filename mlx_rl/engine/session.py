@@ -229,11 +229,18 @@ def resolve_policy_model(cfg):
     cfg.model = str(found)
 
 
-def check_model(cfg, model, tokenizer):
-    """One-line errors for settings the loaded model can't honour."""
-    if cfg.chat_template and not getattr(tokenizer, "has_chat_template", True):
+def check_model(cfg, model, tokenizer, task=None):
+    """One-line errors for settings (and data) the loaded model can't honour."""
+    has_template = getattr(tokenizer, "has_chat_template", True)
+    if cfg.chat_template and not has_template:
         raise MlxRlError(f"--chat-template: the tokenizer of {cfg.model or 'the new model'} has no chat template "
                          "(use --no-chat-template)")
+    rows = getattr(getattr(task, "data", None), "train", None) or []
+    chat_row = next((r for r in rows[:1000] if isinstance(r, dict) and isinstance(r.get("prompt"), list)), None)
+    if chat_row is not None and not has_template:
+        where = getattr(chat_row, "where", "a row")
+        raise MlxRlError(f"{where}: the prompt is a list of chat messages, but the tokenizer of "
+                         f"{cfg.model or 'the new model'} has no chat template to write them with")
     if not cfg.lora_rank:
         if lora.is_quantized(model):
             raise MlxRlError(f"--model {cfg.model} is quantised: its weights can't be trained directly; train LoRA "
@@ -285,7 +292,7 @@ def start(command, cfg, mistake_rate=0.75, corpus=False, precheck=None):
     source = str(ckpt) if ckpt is not None and not lora_resume else cfg.model
     model, tokenizer, model_config = get_model(source, getattr(cfg, "preset", "tiny"), cfg.seed, task.chars())
     if ckpt is None:
-        check_model(cfg, model, tokenizer)
+        check_model(cfg, model, tokenizer, task)
         mx.random.seed(cfg.seed)  # LoRA's random A matrices come from --seed (a resumed run loads its own)
     adapter_config = setup_lora(model, cfg, verbose=world.rank == 0) if cfg.lora_rank else None
     if lora_resume:
