@@ -26,6 +26,8 @@ COMMANDS = {
     "ppo": "mlx_rl.chapters.ppo",
     "dpo": "mlx_rl.chapters.dpo",
     "dpo-pairs": "mlx_rl.chapters.dpo",
+    "label-pairs": "mlx_rl.chapters.reward_model",
+    "reward-model": "mlx_rl.chapters.reward_model",
     "eval": "mlx_rl.tools.evaluate",
     "plot": "mlx_rl.plots",
     "profile": "mlx_rl.tools.profile",

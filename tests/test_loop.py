@@ -342,3 +342,17 @@ def test_time_based_checkpoints(tmp_path):
                     "--eval-every", "0", "--eval-prompts", "10", "--save-minutes", "0.0001", "--out", str(out2)], env=env,
                    capture_output=True)
     assert json.loads((out2 / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_the_live_line_names_its_signals_and_shows_an_eta(trained_micro):
+    code, out = run_cli(["grpo", "--model", str(trained_micro[1]), "--steps", "3", "--prompts-per-step", "4", "--group-size",
+                         "4", "--eval-every", "2", "--eval-prompts", "10", "--kl-coef", "0.04", "--pass-k", "",
+                         "--out", str(trained_micro[0].parent / "live")])
+    lines = [line for line in out.splitlines() if line.startswith("grpo  ")]
+    assert lines, out
+    assert any("ETA" in line for line in lines)
+    for signal in ("reward", "held-out acc", "KL", "clip", "entropy"):
+        assert all(signal in line for line in lines), (signal, lines[-1])
+    assert "samples at step 2:" in out and "expected" in out  # a few samples with their answers at each evaluation
+    final = next(line for line in out.splitlines() if line.startswith("grpo: "))  # the closing line, every split shown
+    assert final.startswith("grpo: held-out accuracy") and "carry" in final and "no_carry" in final and " in 0:" in final

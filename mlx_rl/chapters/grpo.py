@@ -46,6 +46,7 @@ import numpy as np
 
 from mlx_rl.config import command, option
 from mlx_rl.chapters import grpo_family as family
+from mlx_rl.chapters.reward_model import LearnedRewardConfig, attach_reward_model
 from mlx_rl.engine import loop
 from mlx_rl.engine.evaluate import score_rows
 from mlx_rl.engine.logprobs import completion_batch, masked, token_logprobs
@@ -55,7 +56,7 @@ from mlx_rl.engine.update import current_lr
 
 
 @dataclasses.dataclass
-class GRPOConfig(LLMConfig, family.PassAtKConfig, family.VariantConfig):
+class GRPOConfig(LLMConfig, family.PassAtKConfig, family.VariantConfig, LearnedRewardConfig):
     steps: int = option(60, "number of GRPO steps (one rollout batch each)", min=1, resumable=True)
     group_size: int = option(8, "completions sampled per prompt (G)", min=2)
     prompts_per_step: int = option(32, "prompts per step (the batch is prompts_per_step x group_size)", min=1)
@@ -195,6 +196,7 @@ def train(cfg):
     variant = family.make_variant(cfg, N, answer_len=0 if cfg.data else session.task.max_new_tokens)
     if cfg.max_new_tokens and cfg.max_new_tokens < session.task.max_new_tokens and not cfg.data:
         print(f"note: --max-new-tokens {cfg.max_new_tokens} is shorter than the task's answer ({session.task.max_new_tokens})")
+    attach_reward_model(session, cfg, N)  # --reward-model: train on the learned reward (reward_model.py)
     optimizer = session.optimizer(cfg.lr, cfg.steps, cfg.warmup)
     update = session.update_step(make_loss_fn(cfg, variant), optimizer)
 

@@ -33,7 +33,8 @@ so its checkpoint is a plain mlx-lm checkpoint; the head and its optimizer
 state are saved beside it, in RUN/checkpoint/value_head.safetensors.
 
 Deliberate simplifications:
-- One rollout per prompt at temperature 1; no reward model (the task's reward parses the answer).
+- One rollout per prompt at temperature 1; the task's reward parses the answer (--reward-model: a learned
+  reward instead, the chapter "Reward models and RLHF").
 - Two optimizers, two learning rates: AdamW at --lr for the policy, AdamW at
   --value-lr for the head; the policy and the critic are updated by separate
   losses (no value-loss coefficient is needed when nothing is shared).
@@ -61,6 +62,7 @@ from mlx.utils import tree_flatten
 
 from mlx_rl.chapters.grpo_family import PassAtKConfig, approx_kl, pass_at_k_details
 from mlx_rl.chapters.kl import k1, k3
+from mlx_rl.chapters.reward_model import LearnedRewardConfig, attach_reward_model
 from mlx_rl.config import MlxRlError, command, option
 from mlx_rl.engine import loop
 from mlx_rl.engine.evaluate import score_rows
@@ -77,7 +79,7 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 @dataclasses.dataclass
-class PPOConfig(LLMConfig, PassAtKConfig):
+class PPOConfig(LLMConfig, PassAtKConfig, LearnedRewardConfig):
     steps: int = option(30, "number of PPO steps (one rollout batch, then epochs of minibatch updates)", min=1,
                         resumable=True)
     rollout_batch: int = option(256, "prompts per step, one sampled completion each", min=1)
@@ -384,6 +386,7 @@ def train(cfg):
                                                      f"--rollout-batch {cfg.rollout_batch}"))
     policy, task = session.model, session.task
     N = cfg.max_new_tokens or task.max_new_tokens
+    attach_reward_model(session, cfg, N)  # --reward-model: train on the learned reward (reward_model.py)
     value_head = ValueHead(policy.args.hidden_size)
     if session.checkpoint is not None:
         load_value_head(value_head, session.checkpoint)

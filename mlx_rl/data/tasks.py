@@ -184,6 +184,7 @@ class Addition(BuiltinTask):
         if not 1 <= digits <= 6:
             raise MlxRlError(f"addition digits must be between 1 and 6, got {digits}")
         self.digits = digits
+        self.max_new_tokens = digits + 2  # the digits of the sum, and EOS
         super().__init__(mistake_rate)
 
     def random_problem(self, rng):
@@ -209,10 +210,6 @@ class Addition(BuiltinTask):
         no_carry = sum(((a // 10**i + b // 10**i) % 10) * 10**i for i in range(self.digits))
         return None if no_carry == a + b else self.write_sum(no_carry)
 
-    @property
-    def max_new_tokens(self):
-        return self.digits + 2  # the digits of the sum, and EOS
-
 
 class Sort(BuiltinTask):
     name = "sort"
@@ -223,6 +220,7 @@ class Sort(BuiltinTask):
         if not 2 <= length <= 12:
             raise MlxRlError(f"sort length must be between 2 and 12, got {length}")
         self.length = length
+        self.max_new_tokens = length + 1  # the sorted list, and EOS
         super().__init__(mistake_rate)
 
     def random_problem(self, rng):
@@ -241,10 +239,6 @@ class Sort(BuiltinTask):
         if len(set(problem)) == len(problem):
             return None
         return "".join(map(str, sorted(set(problem))))
-
-    @property
-    def max_new_tokens(self):
-        return self.length + 1
 
 
 BUILTIN = {"addition": Addition, "sort": Sort}
