@@ -15,11 +15,20 @@ if [[ "$(uname -s)" == "Linux" ]] && ! ls /usr/lib/*-linux-gnu/openblas-pthread/
 fi
 
 PYTHON="${PYTHON:-python3}"
-[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+if [[ ! -x .venv/bin/python ]]; then
+    echo "creating .venv ..."
+    "$PYTHON" -m venv .venv
+fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+echo "installing mlx-rl and its dependencies (mlx, mlx-lm, numpy, matplotlib, click) into .venv; about a minute the first time ..."
 log=$(mktemp)
-if ! .venv/bin/python -m pip install -q -e ".[test]" >"$log" 2>&1; then
+# pip's own lines, shortened to one per package, so a slow download shows progress instead of silence
+if ! .venv/bin/python -m pip install -e ".[test]" 2>&1 | tee "$log" | grep --line-buffered -E "^(Collecting|Successfully)" \
+        | sed -u 's/^/  /' | cut -c1-100; then
+    :
+fi
+if ! grep -qE "^Successfully installed|already satisfied" "$log" || grep -qE "^ERROR" "$log"; then
     cat "$log"; echo "pip install failed"; exit 1
 fi
 rm -f "$log"
-.venv/bin/python -c "import mlx_rl, mlx_rl.blas as b; print('mlx-rl installed; BLAS:', b.loaded_path or 'MLX default')"
+.venv/bin/python -c "from mlx_rl.engine import blas, speed; speed.enable(); print('mlx-rl installed; BLAS:', blas.loaded_path or 'MLX default (slow: see README)')"
