@@ -281,8 +281,9 @@ def build_pairs(model, tokenizer, task, rows, samples_per_prompt, temperature=1.
         pairs.rejected_ids.append(ids[w][: sum(masks[w])])
         jsonl.append({"prompt": row["prompt"], "chosen": texts[b], "rejected": texts[w],
                       "score_chosen": float(rewards[i, best]), "score_rejected": float(rewards[i, worst])})
-    if world is not None and world.size > 1:
-        pairs, jsonl = world.all_objects((pairs, jsonl), merge_pairs)
+    if world is not None and world.size > 1:  # every rank gets every rank's pairs, in rank order
+        parts = world.all_json([pairs.to_json(), jsonl])
+        pairs, jsonl = merge_pairs([(Pairs.from_json(p), rows) for p, rows in parts])
     first = scores.per_reward[scores.names[0]] if repeated else np.zeros(0)
     accuracy_sums = np.array([np.nansum(first), np.isfinite(first).sum(), rewards.sum(), (rewards ** 2).sum(), rewards.size])
     if world is not None:

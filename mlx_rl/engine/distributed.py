@@ -90,7 +90,9 @@ class World:
             group = mx.distributed.init(strict=True, backend=backend)
         except Exception as e:
             raise MlxRlError(f"could not join the distributed group ({backend} backend): {str(e).splitlines()[0]}") from None
-        name = os.environ.get("MLX_RL_BACKEND") or ("ring" if os.environ.get("MLX_HOSTFILE") else backend)
+        name = os.environ.get("MLX_RL_BACKEND") or (
+            "jaccl" if any(k.startswith(("MLX_IBV", "MLX_JACCL")) for k in os.environ)
+            else "ring" if os.environ.get("MLX_HOSTFILE") else "mpi" if "OMPI_COMM_WORLD_RANK" in os.environ else backend)
         return cls(group, name) if group.size() > 1 else cls()
 
     def shard(self, rows):
@@ -131,24 +133,15 @@ class World:
         blocks = [gathered[r * longest : r * longest + int(counts[r])] for r in range(self.size)]
         return np.concatenate(blocks).astype(values.dtype)
 
-    def all_objects(self, obj, merge):
-        """Every rank's JSON-able object, in rank order, merged with merge(list): for small per-rank results
-        (DPO's pairs). Sent as UTF-8 bytes through all_gather."""
+    def all_json(self, obj):
+        """Every rank's JSON-able object, in rank order (for small per-rank results: DPO's pairs).
+        Sent as UTF-8 bytes through all_gather."""
         if self.size == 1:
-            return merge([obj])
+            return [obj]
         import json
 
-        from mlx_rl.data.pairs import Pairs
-
-        def encode(o):
-            return o.to_json() if isinstance(o, Pairs) else o
-
-        data = np.frombuffer(json.dumps([encode(x) for x in obj]).encode(), dtype=np.uint8)
-        parts = []
-        for blob in self.gather_bytes(data):
-            decoded = json.loads(bytes(blob).decode())
-            parts.append((Pairs.from_json(decoded[0]), decoded[1]))
-        return merge(parts)
+        data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+        return [json.loads(bytes(blob).decode()) for blob in self.gather_bytes(data)]
 
     def gather_bytes(self, data):
         counts = np.array(mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int32), group=self.group))
