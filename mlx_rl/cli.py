@@ -26,6 +26,7 @@ COMMANDS = {
     "plot": "mlx_rl.plots",
     "profile": "mlx_rl.profile",
     "tasks": "mlx_rl.evaluate",
+    "import-gguf": "mlx_rl.tools.gguf",
 }
 
 
