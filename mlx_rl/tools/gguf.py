@@ -127,8 +127,8 @@ def read_tensor_types(path):
     return types
 
 
-def read_gguf(path):
-    """(tensors, metadata, tensor types) of a GGUF file, with one-line errors for what we can't read."""
+def check_gguf(path):
+    """{tensor name: ggml type} of the GGUF file at path, or a one-line error if we can't read it."""
     path = Path(path)
     if not path.exists():
         raise MlxRlError(f"no such file: {path}")
@@ -143,11 +143,15 @@ def read_gguf(path):
             f"{path.name}: tensor {name} has type {t} ({len(unreadable)} tensors of type {kinds}); this importer "
             f"reads F32, F16, BF16, Q4_0, Q4_1 and Q8_0 only (convert the model to one of those with llama.cpp)"
         )
+    return types
+
+
+def load_gguf(path):
+    """(tensors, metadata) of a checked GGUF file, read by MLX."""
     try:
-        tensors, metadata = mx.load(str(path), return_metadata=True)
+        return mx.load(str(path), return_metadata=True)
     except Exception as e:  # mlx raises RuntimeError("[load_gguf] ..."): keep its first line
         raise MlxRlError(f"could not read {path}: {str(e).splitlines()[0]}") from None
-    return tensors, metadata, types
 
 
 def meta_value(metadata, key, default=KeyError):
@@ -533,8 +537,9 @@ def import_gguf(path, out, dequantize=None, dtype=None, log=print):
     if dtype is not None and dtype not in DTYPES:
         raise MlxRlError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
 
-    log(f"reading {path} ...")
-    tensors, metadata, types = read_gguf(path)
+    types = check_gguf(path)
+    log(f"reading {path} ({path.stat().st_size / 1e6:.1f} MB) ...")
+    tensors, metadata = load_gguf(path)
     config = model_config(metadata, tensors)
     arch = meta_value(metadata, "general.architecture")
     tokenizer, tokenizer_config, eos_ids, bos = gguf_tokenizer(metadata)
