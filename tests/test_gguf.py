@@ -51,9 +51,12 @@ CORPUS = [
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2, as in SmolLM2
 CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
                  "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-# Llama 3's split (from its tokenizer.json); llama.cpp's "llama-bpe" pre-tokenizer type.
+# The splits of Llama 3 and Qwen2 (from their tokenizer.json files): llama.cpp's "llama-bpe" and "qwen2"
+# pre-tokenizer types. They differ in digits: up to three together, or one by one.
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def byte_level_tokenizer(pre, vocab_size=400):
@@ -61,12 +64,15 @@ def byte_level_tokenizer(pre, vocab_size=400):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    split_then_bytes = lambda regex: pre_tokenizers.Sequence([  # noqa: E731
+        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok = Tokenizer(models.BPE(ignore_merges=pre == "llama-bpe"))
     tok.pre_tokenizer = {
         "gpt-2": byte_level,
         "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
-        "llama-bpe": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
-                                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+        "llama-bpe": split_then_bytes(LLAMA3_REGEX),
+        "qwen2": split_then_bytes(QWEN2_REGEX),
     }[pre]
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHAT_SPECIALS, show_progress=False,
@@ -269,7 +275,7 @@ def test_float16_tensors_import_as_float32(tmp_path):
     np.testing.assert_allclose(logits_of(imported, ids), logits_of(model, ids), atol=5e-3, rtol=0)
 
 
-@pytest.mark.parametrize("pre", ["smollm", "gpt-2", "llama-bpe"])
+@pytest.mark.parametrize("pre", ["smollm", "gpt-2", "llama-bpe", "qwen2"])
 def test_byte_level_tokenizer_gives_the_original_ids(tmp_path, pre):
     from mlx_lm import load
     from tokenizers import Tokenizer
@@ -306,25 +312,34 @@ def test_digits_are_split_one_by_one_for_smollm(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_mlx_lm_exporter_file_round_trips(tmp_path):
-    from mlx_lm import load
+def write_exporter_gguf(directory):
+    """A tiny llama + SentencePiece-style tokenizer saved as an HF checkpoint, then written as GGUF by
+    mlx-lm's exporter (mlx_lm.gguf.convert_to_gguf); returns (gguf path, model, tokenizer)."""
     from mlx_lm.gguf import convert_to_gguf
     from mlx_lm.utils import save_config, save_model
-    from tokenizers import Tokenizer
 
     tok = sentencepiece_tokenizer()
     model, config = random_model("llama", tok.get_vocab_size())
     config = {**config, "head_dim": 16, "bos_token_id": 1, "eos_token_id": 2}  # the exporter assumes 64 / 4 = 16
-    hf = tmp_path / "hf"
+    hf = Path(directory) / "hf"
     save_model(hf, model)
     save_config(dict(config), config_path=hf / "config.json")
     tok.save(str(hf / "tokenizer.json"))
     (hf / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    convert_to_gguf(hf, dict(tree_flatten(model.parameters())), dict(config), str(tmp_path / "m.gguf"))
+    path = Path(directory) / "m.gguf"
+    convert_to_gguf(hf, dict(tree_flatten(model.parameters())), dict(config), str(path))
+    return path, model, tok
 
+
+def test_mlx_lm_exporter_file_round_trips(tmp_path):
+    from mlx_lm import load
+    from tokenizers import Tokenizer
+
+    _, model, tok = write_exporter_gguf(tmp_path)
     _, metadata = mx.load(str(tmp_path / "m.gguf"), return_metadata=True)
     assert metadata["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in metadata
+    assert set(metadata["tokenizer.ggml.scores"].tolist()) == {-1000.0}  # the exporter's scores say nothing
 
     assert import_cli(tmp_path / "m.gguf", "--out", tmp_path / "ckpt") == 0
     imported, wrapper = load(str(tmp_path / "ckpt"))
