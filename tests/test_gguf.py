@@ -387,7 +387,7 @@ def quantize_blocks(w, kind):
     return blocks.reshape(rows, -1), back.reshape(rows, cols)
 
 
-GGML_TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12}
+GGML_TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "BF16": 30}
 
 
 def write_gguf(path, tensors, metadata):
@@ -500,6 +500,28 @@ def test_quantized_blocks_stay_quantized_and_load_with_mlx_lm(quantized_file, tm
     assert layer0.self_attn.q_proj.scales.dtype == mx.float32  # float32 on CPU: float16 scales are slow there
     ids = tok.encode(TEXTS[1] + TEXTS[4]).ids
     np.testing.assert_allclose(logits_of(model, ids), logits_of(ref_model, ids), atol=1e-4, rtol=0)
+
+
+def test_bfloat16_tensors_import_exactly(tmp_path):
+    """BF16 matrices (MLX reads them as float16, which holds every bf16 value of a weight's size)."""
+    from mlx_lm import load
+
+    tok = byte_level_tokenizer("smollm")
+    model, config = random_model("llama", tok.get_vocab_size())
+    tensors, reference = {}, {}
+    for name, w in tree_flatten(model.parameters()):
+        w = np.array(w)
+        bf16 = (w.view(np.uint32) >> 16).astype(np.uint16)  # truncated to bfloat16's 8 mantissa bits
+        reference[name] = (bf16.astype(np.uint32) << 16).view(np.float32)
+        if "q_proj" in name or "k_proj" in name:
+            bf16 = llamacpp_permute(bf16, config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"])
+        tensors[gguf_name(name)] = ("BF16", bf16.view(np.uint8), w.shape)
+    write_gguf(tmp_path / "b.gguf", tensors, plain_metadata({**hparams(config, "llama"), **byte_level_metadata(tok, "smollm")}))
+    gguf.import_gguf(tmp_path / "b.gguf", tmp_path / "ckpt", log=lambda s: None)
+    model.load_weights([(k, mx.array(v)) for k, v in reference.items()])
+    imported, _ = load(str(tmp_path / "ckpt"))
+    ids = tok.encode(TEXTS[3]).ids
+    np.testing.assert_allclose(logits_of(imported, ids), logits_of(model, ids), atol=1e-4, rtol=0)
 
 
 def test_dequantize_gives_the_dequantized_weights_exactly(quantized_file, tmp_path):

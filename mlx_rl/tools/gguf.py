@@ -225,7 +225,9 @@ def model_config(metadata, tensors):
     rope_dim = hp("rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise MlxRlError(f"this file rotates {rope_dim} of {head_dim} dimensions per head (partial RoPE), "
-                         "which mlx-lm's llama cannot do")
+                         f"which mlx-lm's {arch} cannot do")
+    if "token_embd.weight" not in tensors:
+        raise MlxRlError("this GGUF file has no token embedding (token_embd.weight): is it a model file?")
     vocab_size, _ = tensors["token_embd.weight"].shape  # (V, D) also when packed
     config = {
         "model_type": ARCHITECTURES[arch]["model_type"],
@@ -243,6 +245,9 @@ def model_config(metadata, tensors):
         # No output matrix: the output layer reuses the token embedding.
         "tie_word_embeddings": "output.weight" not in tensors,
     }
+    if arch == "llama":  # a few llama-family models have biases; mlx-lm's llama builds them when told
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensors
+        config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
     scaling = hp("rope.scaling.type", None)
     if scaling == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": hp("rope.scaling.factor")}
