@@ -570,17 +570,16 @@ def import_gguf(path, out, dequantize=None, dtype=None, log=print):
             last[0] = time.perf_counter()
             log(f"  converted {done}/{total} tensors")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Build the checkpoint beside --out and move it into place at the end, so a failed
     # import never leaves a half-written checkpoint under the name the user asked for.
     tmp = out.parent / f".{out.name}.import-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an import that was killed
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # an earlier import's, if one had this process id and was killed
+        tmp.mkdir()
         weights = convert_weights(tensors, types, config, ARCHITECTURES[arch]["permuted_qk"],
                                   dequantize, DTYPES[dtype], progress)
         size = save_weights(tmp, weights)
-        del tensors
         (tmp / "config.json").write_text(json.dumps(config, indent=4, sort_keys=True))
         tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
@@ -588,6 +587,8 @@ def import_gguf(path, out, dequantize=None, dtype=None, log=print):
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)
+    except OSError as e:  # disk full, no permission...
+        raise MlxRlError(f"could not write {out}: {e.strerror or e}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
