@@ -18,14 +18,31 @@ import json
 import time
 
 import llama_cpp
+import llama_cpp.llama_cpp as llama_c
 import numpy as np
 from llama_cpp import Llama
 
+_default_model_params = llama_c.llama_model_default_params
+
+
+def model_params_without_extra_buffers():
+    """llama.cpp's default model parameters with use_extra_bufts off.
+
+    Some VMs advertise AMX, and llama.cpp's AMX kernels (an "extra buffer type" for
+    repacked weights) then die with SIGILL on a multi-token batch. llama-cpp-python
+    0.3.36's Llama() swallows an unknown use_extra_bufts=... keyword without using it,
+    so the flag has to be set in the parameters Llama() starts from.
+    """
+    params = _default_model_params()
+    params.use_extra_bufts = False
+    return params
+
+
+llama_c.llama_model_default_params = model_params_without_extra_buffers
+
 
 def open_model(path, logits_all):
-    # use_extra_bufts=False: some VMs advertise AMX, and llama.cpp's AMX kernels then die with SIGILL.
-    return Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=2, logits_all=logits_all,
-                 use_extra_bufts=False, verbose=False, seed=0)
+    return Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=2, logits_all=logits_all, verbose=False, seed=0)
 
 
 def main():
