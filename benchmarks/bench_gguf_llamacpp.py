@@ -105,16 +105,23 @@ def compare(gguf_path, ckpt, llama_python, workdir):
     mismatches = [t for i, t in enumerate(TEXTS + prompts)
                   if tokenizer.encode(t) != (ref[f"tok_{i}"] if i < len(TEXTS) else ref[f"ids_{i - len(TEXTS)}"]).tolist()]
     matches = positions = 0
-    kls, per_prompt = [], []
+    kls, per_prompt, disagreements = [], [], []
     for i in range(len(prompts)):
         ids = ref[f"ids_{i}"].tolist()
-        ours = model(mx.array([ids]))[0].astype(mx.float32)  # (T, V)
-        m, n, kl, kl_max = agreement(ref[f"logits_{i}"], np.array(ours))
+        ours = np.array(model(mx.array([ids]))[0].astype(mx.float32))  # (T, V)
+        theirs = ref[f"logits_{i}"]
+        m, n, kl, kl_max = agreement(theirs, ours)
         matches, positions = matches + m, positions + n
         kls.append(kl * n)
         per_prompt.append({"positions": n, "top1": m / n, "mean_kl": kl, "max_kl": kl_max})
+        p = np.exp(log_softmax(theirs))  # llama.cpp's next-token probabilities (T, V)
+        for t in np.nonzero(theirs.argmax(-1) != ours.argmax(-1))[0]:
+            a, b = int(theirs[t].argmax()), int(ours[t].argmax())
+            disagreements.append({"prompt": i, "position": int(t), "after": tokenizer.decode(ids[max(0, t - 4): t + 1]),
+                                  "llamacpp_top1": tokenizer.decode([a]), "ours_top1": tokenizer.decode([b]),
+                                  "llamacpp_p": [float(p[t, a]), float(p[t, b])]})
     return {"top1_agreement": matches / positions, "positions": positions, "mean_kl": sum(kls) / positions,
-            "per_prompt": per_prompt, "token_ids_equal": not mismatches, "token_id_mismatches": mismatches,
+            "per_prompt": per_prompt, "disagreements": disagreements, "token_ids_equal": not mismatches, "token_id_mismatches": mismatches,
             "texts_compared": len(TEXTS) + len(prompts), **summary}
 
 
