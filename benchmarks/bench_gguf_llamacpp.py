@@ -8,8 +8,8 @@ mlx-lm model loaded from it computes what llama.cpp computes from the file:
                       and raw) the next-token top-1 agrees, and the mean KL(llama.cpp || ours)
                       is small. Both models read llama.cpp's ids, so a tokenizer difference
                       cannot hide in the logits.
-  --tiny              the test suite's tiny random files (llama with smollm / gpt-2 / llama-bpe
-                      pre-tokenizers, qwen2, qwen3, and one written by mlx-lm's exporter): llama.cpp's
+  --tiny              the test suite's tiny random files (llama with every pre-tokenizer name the
+                      importer knows, qwen2, qwen3, and one written by mlx-lm's exporter): llama.cpp's
                       logits against the original mlx-lm model's, and its ids against the original
                       tokenizer's. This checks the tests' picture of the format (the W_q/W_k
                       permutation for llama and none for qwen, the pre-tokenizer regexes)
@@ -131,11 +131,14 @@ def tiny(llama_python, workdir):
     from tokenizers import Tokenizer
 
     results = {}
-    cases = [("llama", "smollm"), ("llama", "gpt-2"), ("llama", "llama-bpe"), ("qwen2", "qwen2"), ("qwen3", "qwen2")]
-    for arch, pre in cases:
-        path = Path(workdir) / f"tiny-{arch}-{pre}.gguf"
-        model, tok = T.write_byte_level_gguf(path, arch, pre=pre)
-        results[f"{arch}/{pre}"] = tiny_case(llama_python, path, model, tok, workdir)
+    # (architecture, pre-tokenizer the test tokenizer is built with, the name written in the file)
+    cases = [("llama", "smollm", "smollm"), ("llama", "smollm", "starcoder"), ("llama", "gpt-2", "gpt-2"),
+             ("llama", "llama-bpe", "llama-bpe"), ("llama", "llama-bpe", "llama3"), ("llama", "llama-bpe", "llama-v3"),
+             ("qwen2", "qwen2", "qwen2"), ("qwen3", "qwen2", "qwen2")]
+    for arch, pre, file_pre in cases:
+        path = Path(workdir) / f"tiny-{arch}-{file_pre}.gguf"
+        model, tok = T.write_byte_level_gguf(path, arch, pre=pre, file_pre=file_pre)
+        results[f"{arch}/{file_pre}"] = tiny_case(llama_python, path, model, tok, workdir)
     path, model, tok = T.write_exporter_gguf(Path(workdir) / "exporter")
     ckpt = Path(workdir) / "exporter-import"
     gguf.import_gguf(path, ckpt, log=lambda s: None)

@@ -210,12 +210,15 @@ def byte_level_metadata(tok, pre):
     }
 
 
-def write_byte_level_gguf(path, arch="llama", pre="smollm", dtype=mx.float32):
-    """A tiny model + byte-level BPE written as a GGUF file; returns (model, tokenizer)."""
+def write_byte_level_gguf(path, arch="llama", pre="smollm", dtype=mx.float32, file_pre=None):
+    """A tiny model + byte-level BPE written as a GGUF file; returns (model, tokenizer).
+
+    file_pre: the pre-tokenizer name written in the file, when it is another name for `pre`.
+    """
     tok = byte_level_tokenizer(pre)
     model, config = random_model(arch, tok.get_vocab_size())
     weights = {k: v.astype(mx.float32 if "norm" in k else dtype) for k, v in gguf_weights(model, config).items()}
-    mx.save_gguf(str(path), weights, {**hparams(config, arch), **byte_level_metadata(tok, pre)})
+    mx.save_gguf(str(path), weights, {**hparams(config, arch), **byte_level_metadata(tok, file_pre or pre)})
     return model, tok
 
 
@@ -556,7 +559,7 @@ def test_mlx_lm_generate_cli_runs_on_an_import(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(tmp_path / "ckpt"),
                            "--prompt", "What is 2+2?", "--max-tokens", "5"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "Generation: 5 tokens" in done.stdout or "Generation:" in done.stdout
+    assert "Generation:" in done.stdout  # its closing statistics: it generated
 
 
 def one_error_line(capsys):

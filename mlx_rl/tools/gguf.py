@@ -36,15 +36,14 @@ qwen3; no vision towers or MoE layers.
 """
 
 import json
-import shutil
 import os
+import shutil
 import struct
 import time
 from pathlib import Path
 
 import click
 import mlx.core as mx
-import numpy as np
 
 from mlx_rl.config import MlxRlError
 
@@ -413,7 +412,7 @@ def byte_level_bpe(metadata, tokens):
     kind = PRE_TOKENIZERS.get(pre)
     vocab = {}
     for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)  # a few vocabularies repeat a token; the first id wins, as in llama.cpp's lookup
+        vocab.setdefault(t, i)  # a few vocabularies repeat a token; the first id wins
     # Llama 3 (like llama.cpp for it) takes a whole pre-token that is in the vocabulary as it is.
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=kind == "llama3"))
     tok.pre_tokenizer = byte_level_pre_tokenizer(pre)
