@@ -548,6 +548,26 @@ def test_default_on_cpu_is_dense_and_says_so(quantized_file, tmp_path, capsys):
     assert "quantization" not in json.loads((tmp_path / "ckpt" / "config.json").read_text())
 
 
+def test_default_with_a_gpu_keeps_the_blocks_in_float16(quantized_file, tmp_path, monkeypatch):
+    """What macOS (Metal) gets by default, checked here by pretending MLX has a GPU."""
+    path, _, _, _ = quantized_file
+    monkeypatch.setattr(gguf, "has_gpu", lambda: True)
+    summary = gguf.import_gguf(path, tmp_path / "ckpt", log=lambda s: None)
+    assert not summary["dequantized"] and summary["dtype"] == "float16"
+    saved = mx.load(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert saved["model.layers.0.self_attn.q_proj.scales"].dtype == mx.float16
+    assert saved["model.norm.weight"].dtype == mx.float16
+
+
+def test_dtype_sets_the_dense_dtype(quantized_file, tmp_path):
+    path, _, _, reference = quantized_file
+    gguf.import_gguf(path, tmp_path / "ckpt", dequantize=True, dtype="bfloat16", log=lambda s: None)
+    saved = mx.load(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {mx.bfloat16}
+    w = np.array(saved["model.layers.0.mlp.up_proj.weight"].astype(mx.float32))
+    np.testing.assert_allclose(w, reference["model.layers.0.mlp.up_proj.weight"], rtol=1e-2, atol=1e-3)
+
+
 # ---------------------------------------------------------------------------
 # mlx_lm generate on an import, and one-line errors
 # ---------------------------------------------------------------------------
