@@ -32,6 +32,11 @@ if [[ -z "$PYTHON" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 
+if ! "$PYTHON" -c "import mlx_rl.tools.gguf" 2>/dev/null; then
+    echo "error: $PYTHON cannot import mlx_rl (run scripts/setup.sh first, or set PYTHON=/path/to/python)" >&2
+    exit 2
+fi
+
 if [[ -f "$OUT/config.json" ]] && compgen -G "$OUT/model*.safetensors" >/dev/null; then
     echo "already there: $OUT"
     exit 0

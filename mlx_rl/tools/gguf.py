@@ -325,6 +325,7 @@ def convert_weights(tensors, types, config, permuted_qk, dequantize, dtype, prog
         settings = [json.dumps(q, sort_keys=True) for q in quantized.values()]
         default = json.loads(max(set(settings), key=settings.count))
         config["quantization"] = {**default, **{n: q for n, q in quantized.items() if q != default}}
+        config["quantization_config"] = config["quantization"]  # both keys, as mlx_lm.utils.save_config writes
 
 
 def save_weights(out, weights, shard_bytes=2 << 30):
