@@ -33,6 +33,7 @@ COMMANDS = {
     "profile": "mlx_rl.tools.profile",
     "report": "mlx_rl.report",
     "tasks": "mlx_rl.tools.evaluate",
+    "import-gguf": "mlx_rl.tools.gguf",
 }
 
 
