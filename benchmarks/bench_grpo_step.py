@@ -1,4 +1,4 @@
-"""Speed of one GRPO step at the issue's fixed settings, split by phase.
+"""Speed of one GRPO step at fixed settings, split by phase.
 
 A Qwen3-style model of hidden size 128, 4 layers, 4 heads, character vocabulary
 (preset "tiny", about 1M parameters, randomly initialised), full fine-tune:

@@ -1,9 +1,9 @@
 """Peak memory of one RL-style step (reference log-probs + an update) with and without LoRA.
 
 Each setting runs in its own process so its peak is its own:
-  full        full fine-tune, train.Reference (a second model object: after the first
+  full        full fine-tune, session.Reference (a second model object: after the first
               update the policy's weights are new arrays, so two copies live)
-  lora        LoRA, reference = the policy with its adapters off (train.Reference)
+  lora        LoRA, reference = the policy with its adapters off (session.Reference)
   lora-copy   LoRA, reference = a second copy of the base loaded from disk (the naive way)
   lora-4bit   LoRA on the 4-bit quantised base, adapters-off reference
 

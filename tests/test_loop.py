@@ -356,3 +356,17 @@ def test_the_live_line_names_its_signals_and_shows_an_eta(trained_micro):
     assert "samples at step 2:" in out and "expected" in out  # a few samples with their answers at each evaluation
     final = next(line for line in out.splitlines() if line.startswith("grpo: "))  # the closing line, every split shown
     assert final.startswith("grpo: held-out accuracy") and "carry" in final and "no_carry" in final and " in 0:" in final
+
+
+def test_a_run_killed_after_its_last_save_finishes_its_summary_on_resume(tmp_path):
+    out = tmp_path / "last"
+    env = {**os.environ, "MLX_RL_KILL_AT": "before_finish:1"}
+    p = subprocess.run([sys.executable, "-m", "mlx_rl", "pretrain", "--preset", "micro", "--steps", "3", "--batch-size", "8",
+                        "--eval-every", "0", "--eval-prompts", "10", "--out", str(out)], env=env, capture_output=True)
+    assert p.returncode == -9 and not (out / "summary.json").exists()
+    run_cli(["pretrain", "--resume", str(out)], expect=0)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and "eval/accuracy" in summary["after"]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2, 3]
+    code, text = run_cli(["pretrain", "--resume", str(out)], expect=0)
+    assert "already finished at step 3" in text

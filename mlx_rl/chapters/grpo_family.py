@@ -411,7 +411,11 @@ def parse_ks(values):
 def pass_at_k_details(session, cfg):
     """pass@k of the starting policy (now) and of the final one (at the end), for summary.json."""
     ks = parse_ks(cfg.pass_k)
-    if not ks or not session.task.rewards.is_verifier():
+    rewards = session.task.rewards
+    # A user's reward function counts as a 0/1 verifier only once it has returned values: an undecided one
+    # is measured, then dropped if it is not one (a start saved for --resume was measured with a verifier).
+    undecided = rewards.rewards[0].verifier is None and not rewards.rewards[0].seen_values
+    if not ks or not (rewards.is_verifier() or undecided):
         return None
     rows = session.task.heldout_rows(cfg.pass_k_prompts, seed=cfg.seed + 1)
 
@@ -423,6 +427,8 @@ def pass_at_k_details(session, cfg):
     start = session.chapter_state.get("pass_at_k_start") if session.start_step else None
     if start is None:
         start = measure()
+        if not rewards.is_verifier():
+            return None
     session.keep_state["pass_at_k_start"] = start  # saved with every checkpoint: --resume reports the same start
 
     def details():

@@ -22,7 +22,7 @@ same slippery dynamics), so results compare with that well-known benchmark.
 Deliberate simplifications:
 - The environment is a tiny class over a table `P[s][a] = [(prob, next, reward,
   terminated)]`, as in Gym's FrozenLake, not a Gym environment.
-- Q-learning uses a constant step size and a linear epsilon schedule.
+- Q-learning's step size falls linearly from --alpha to --alpha-end, and epsilon follows a linear schedule.
 - REINFORCE drops the gamma^t factor of the policy-gradient theorem (as nearly
   every implementation does), and rolls out a whole batch of episodes with the
   policy table computed once, since the policy only changes between updates.
@@ -71,7 +71,7 @@ DEFAULT_EPISODES = {
 
 @dataclasses.dataclass
 class IceMazeConfig:
-    out: typing.Optional[str] = option(None, "run directory (default: runs/icemaze-<time>)")
+    out: typing.Optional[str] = option(None, "run directory (default: runs/icemaze-<date>-<time>)")
     seed: int = option(0, "random seed for random maps, exploration, initialisation and evaluation")
     map: str = option(
         "4x4",

@@ -116,7 +116,7 @@ ESTIMATOR_FNS = {"k1": k1, "k2": k2, "k3": k3}
 class KLConfig:
     """Settings of `mlx-rl kl`. Not a RunConfig: nothing is trained, so no steps or --resume."""
 
-    out: typing.Optional[str] = option(None, "run directory (default: runs/kl-<time>)")
+    out: typing.Optional[str] = option(None, "run directory (default: runs/kl-<date>-<time>)")
     seed: int = option(0, "random seed for distributions, noise and sampling")
     model: typing.Optional[str] = option(None, "reference checkpoint (default: a new random tiny model)")
     model_b: typing.Optional[str] = option(None, "policy checkpoint (default: the reference with --noise added)")

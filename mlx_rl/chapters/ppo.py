@@ -40,7 +40,7 @@ Deliberate simplifications:
   losses (no value-loss coefficient is needed when nothing is shared).
 - A short value warm-up (--value-warmup steps that train the head only)
   instead of a value model pretrained on the reward.
-- The per-token KL in the reward is k1 (log-ratio, mlx_rl.kl), whose expectation
+- The per-token KL in the reward is k1 (log-ratio, mlx_rl/chapters/kl.py), whose expectation
   under the policy is the KL; kl/k3 is reported as the shared, never-negative estimate.
 - No entropy bonus; advantages are whitened over the rollout's completion tokens.
 

@@ -45,7 +45,7 @@ class PretrainConfig(LLMConfig):
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
     lr_schedule: str = option("cosine", "learning rate after warm-up: constant, or cosine decay to lr/20",
                               choices=["constant", "cosine"])
-    time_limit: float = option(0.0, "stop after this many seconds of training (0: no limit)", min=0.0, resumable=True)
+    time_limit: float = option(0.0, "stop after this many seconds of wall time, evaluations included and counted across --resume (0: no limit)", min=0.0, resumable=True)
     loss_on_prompt: bool = option(False, "also train on the prompt tokens (they are random operands)")
     eval_every: int = option(500, "evaluate held-out greedy accuracy every N steps (0: only at the start and the end)",
                              min=0, resumable=True)

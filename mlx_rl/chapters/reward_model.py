@@ -22,19 +22,21 @@ of rewards are learned (adding a constant to every reward changes nothing).
 The lesson: a learned reward is a proxy. It is right where the labeller was
 right and wrong where the labeller was, and a policy pushed hard against it
 goes where it is wrong. The built-in labeller (`Labeller`) is imperfect the
-way people are: it prefers the better answer (by the task's own reward), but
-flips its choice with probability --label-noise, and it likes longer answers:
-of two answers of different lengths it picks the longer one with probability
---length-bias, whatever they say. Addition answers have a fixed length, so a
-longer answer is always wrong: the verifier never shares the bias. A policy
-trained on the learned reward learns to append digits (docs/rlhf.md).
+way people are: it prefers the right answer (it knows what the task's verifier
+knows), but flips its choice with probability --label-noise, and it likes
+longer answers: of two answers of different lengths it picks the longer one
+with probability --length-bias, whatever they say. Addition answers have a
+fixed length, so a longer answer is always wrong: the verifier never shares
+the bias. A policy trained on the learned reward learns to append digits
+(docs/rlhf.md).
 
 Deliberate simplifications:
 - The labeller is simulated (a person would be slower and less consistent in
   other ways); the answers it compares are made, not sampled from a policy: the
   right one, the corpus's mistaken one, near-misses (one digit changed), and
   longer versions of the right and a wrong one (1..--max-extra digits appended).
-  Pairs the verifier scores the same are left out (there is no right choice).
+  Every pair is the right answer against a wrong one: two wrong answers are
+  never compared (the verifier has no preference between them).
 - By default the whole network is trained (body and head: a 1M-parameter body
   is cheap, and a frozen body's last hidden state does not say whether a sum is
   right); --no-train-body trains the head alone, --lora-rank the head and LoRA
@@ -255,15 +257,15 @@ class Labeller:
     """A simulated person comparing two answers.
 
     Of two answers of different lengths it picks the longer one with probability
-    length_bias (its bias). Otherwise it picks the one the task's reward scores
-    higher, and then, with probability label_noise, changes its mind (its noise).
+    length_bias (its bias). Otherwise it picks the one the task's verifier accepts,
+    and then, with probability label_noise, changes its mind (its noise).
     """
 
     label_noise: float = 0.1
     length_bias: float = 0.5
 
     def choose(self, a, b, score_a, score_b, rng):
-        """(chosen, rejected) of answers a, b with the verifier's scores (which differ)."""
+        """(chosen, rejected) of answers a, b with the verifier's scores (which differ: one is right)."""
         if len(a) != len(b) and rng.random() < self.length_bias:
             return (a, b) if len(a) > len(b) else (b, a)
         better, worse = (a, b) if score_a > score_b else (b, a)
@@ -285,10 +287,11 @@ def draw_problems(task, rng, n, held_out):
 
 
 def label_pairs(task, problems, labeller, rng, pairs_per_prompt=2, max_extra=2):
-    """Preference pairs for problems: candidates, the verifier's scores, the labeller's choices.
+    """Preference pairs for problems: candidates, the verifier's 0/1 scores, the labeller's choices; answers the
+    verifier scores the same (two wrong ones) are never paired.
 
     Returns records {"prompt", "chosen", "rejected", "kind", "verifier_agrees"}: kind "same_length" or
-    "different_length"; verifier_agrees: the task's reward scores the chosen answer higher.
+    "different_length"; verifier_agrees: the chosen answer is the right one.
     """
     rows, answers = [], []
     for p in problems:
@@ -298,7 +301,8 @@ def label_pairs(task, problems, labeller, rng, pairs_per_prompt=2, max_extra=2):
             answers.append(c)
     from mlx_rl.engine.evaluate import score_rows
 
-    scores = score_rows(task, rows, answers).total if rows else np.zeros(0)  # (C,) the verifier's, in one call
+    verifier = task.rewards.names[0]  # the task's 0/1 verifier (exact): is the answer right?
+    scores = score_rows(task, rows, answers).per_reward[verifier] if rows else np.zeros(0)  # (C,) in one call
     records, start = [], 0
     while start < len(rows):
         end = start
@@ -320,8 +324,8 @@ def label_pairs(task, problems, labeller, rng, pairs_per_prompt=2, max_extra=2):
 def labeller_stats(records):
     """The labeller's noise and bias as measured on its pairs (what its settings should be).
 
-    noise: share of same-length pairs where it chose the answer the verifier scores lower.
-    bias: on different-length pairs where the verifier prefers the shorter answer, it chose the longer with
+    noise: share of same-length pairs where it chose the wrong answer.
+    bias: on different-length pairs where the shorter answer is the right one, it chose the longer with
     probability bias + (1 - bias) * noise; solved for bias.
     """
     same = [r for r in records if r["kind"] == "same_length"]

@@ -268,7 +268,8 @@ def build_pairs(model, tokenizer, task, rows, samples_per_prompt, temperature=1.
     with timer("reward"):
         scores = score_rows(task, repeated, texts, training=True) if repeated else None
         rewards = scores.total.reshape(len(mine), k) if repeated else np.zeros((0, k))  # (P, k)
-    pairs, jsonl = Pairs([], [], []), []
+    pairs, jsonl, chosen_right = Pairs([], [], []), [], []
+    verifier = (task.training_rewards or task.rewards).is_verifier() if repeated else False
     for i, row in enumerate(mine):
         best, worst = int(rewards[i].argmax()), int(rewards[i].argmin())
         b, w = i * k + best, i * k + worst
@@ -276,6 +277,8 @@ def build_pairs(model, tokenizer, task, rows, samples_per_prompt, temperature=1.
             continue  # no preference to learn from
         if not (texts[b].strip() and texts[w].strip()):
             continue  # an empty answer (EOS at once) can't be written as a pair; skip it
+        if verifier:  # is the chosen answer one the first reward (a 0/1 verifier) accepts?
+            chosen_right.append(float(scores.per_reward[scores.names[0]][b] >= 1))
         pairs.prompt_ids.append(prompt_ids[b])
         pairs.chosen_ids.append(ids[b][: sum(masks[b])])  # the sampled ids, EOS included, never re-tokenised
         pairs.rejected_ids.append(ids[w][: sum(masks[w])])
@@ -284,6 +287,9 @@ def build_pairs(model, tokenizer, task, rows, samples_per_prompt, temperature=1.
     if world is not None and world.size > 1:  # every rank gets every rank's pairs, in rank order
         parts = world.all_json([pairs.to_json(), jsonl])
         pairs, jsonl = merge_pairs([(Pairs.from_json(p), rows) for p, rows in parts])
+    right_sums = world.sum(np.array([sum(chosen_right), len(chosen_right)])) if world is not None else np.array(
+        [sum(chosen_right), len(chosen_right)])
+    chosen_correct = float(right_sums[0] / right_sums[1]) if verifier and right_sums[1] else float("nan")
     first = scores.per_reward[scores.names[0]] if repeated else np.zeros(0)
     accuracy_sums = np.array([np.nansum(first), np.isfinite(first).sum(), rewards.sum(), (rewards ** 2).sum(), rewards.size])
     if world is not None:
@@ -292,7 +298,7 @@ def build_pairs(model, tokenizer, task, rows, samples_per_prompt, temperature=1.
     metrics = {
         "pairs/count": len(pairs),
         "pairs/skipped_prompts": len(rows) - len(pairs),
-        "pairs/chosen_correct": float(np.mean([r["score_chosen"] >= 1 for r in jsonl])) if jsonl else float("nan"),
+        "pairs/chosen_correct": chosen_correct,
         "reward/mean": float(mean),
         "reward/std": float(np.sqrt(max(accuracy_sums[3] / max(accuracy_sums[4], 1) - mean ** 2, 0.0))),
     }

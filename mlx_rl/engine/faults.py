@@ -5,7 +5,7 @@
 Points: "after_log" (a step's metrics are on disk, its checkpoint is not),
 "mid_save" (the new checkpoint is written to its temporary folder, not yet
 swapped in), "mid_swap" (the old checkpoint is renamed away, the new one not yet
-in place). Unset (always, outside the tests), `reached()` costs one dict lookup.
+in place), "before_finish" (the last step is saved, the summary not yet written). Unset (always, outside the tests), `reached()` costs one dict lookup.
 """
 
 import os

@@ -18,15 +18,19 @@ and returns that step's metrics. Around it the loop, the same for every chapter:
     chapter) and prints one closing line with every accuracy split.
 """
 
+import json
 import signal
 import threading
 import time
+
+import numpy as np
 
 from mlx_rl.config import MlxRlError
 from mlx_rl.engine import faults
 from mlx_rl.engine.live import LiveLine, accuracy_summary, fmt_duration, sample_lines
 from mlx_rl.engine.session import peak_memory_gb
 from mlx_rl.engine.update import NonFinite
+from mlx_rl.runs import find_checkpoint
 
 
 class Interrupted(MlxRlError):
@@ -62,8 +66,8 @@ def run(session, step, *, steps, signals, chapter_state=None, chapter_arrays=Non
     evaluate = evaluate or session.evaluate
     i = session.start_step
 
-    def save(i, finished=False):
-        session.save(i, {**chapter_state(), "finished": finished}, chapter_arrays())
+    def save(i):
+        session.save(i, chapter_state(), chapter_arrays())
 
     before = {}
     if i == 0:  # where we start from, so every curve has its first point
@@ -73,9 +77,12 @@ def run(session, step, *, steps, signals, chapter_state=None, chapter_arrays=Non
         before = metrics
         live.say(f"{session.command}: before training, {accuracy_summary({}, metrics) or 'evaluated'}")
         live.say(sample_lines(0, samples))
+        after = before
     else:
-        before = next((eval_metrics(m) for m in run_dir.metrics() if m.get("step") == 0), {})
-    after, last_row = dict(before), {}
+        logged = run_dir.metrics()
+        before = next((eval_metrics(m) for m in logged if m.get("step") == 0), {})
+        after = next((eval_metrics(m) for m in reversed(logged) if eval_metrics(m)), before)
+    last_row = {}
     live.shown.update(before)  # the live line starts from the held-out figures at step 0
     last_save = time.perf_counter()
     stop = StopFlag()
@@ -90,6 +97,8 @@ def run(session, step, *, steps, signals, chapter_state=None, chapter_arrays=Non
                                    f"{last_good(session, i)}") from None
                 i += 1
                 finishing = i >= total() or (stop_when is not None and stop_when(i, row))
+                if stop_when is not None and session.world.size > 1:  # (a time limit): every rank stops together
+                    finishing = bool(session.world.sum(np.array([float(finishing)]))[0] > 0)
                 if eval_when(i) or finishing:
                     metrics, samples = evaluate()
                     row.update(metrics)
@@ -106,7 +115,7 @@ def run(session, step, *, steps, signals, chapter_state=None, chapter_arrays=Non
                 minutes = (time.perf_counter() - last_save) / 60
                 if (finishing or eval_when(i) or (cfg.save_every and i % cfg.save_every == 0)
                         or (cfg.save_minutes and minutes >= cfg.save_minutes) or stop.requested):
-                    save(i, finished=finishing)
+                    save(i)  # marked finished only once the summary is written (a kill before: resume finishes it)
                     last_save = time.perf_counter()
                 session.world.progress()
                 live.total = total()
@@ -121,17 +130,16 @@ def run(session, step, *, steps, signals, chapter_state=None, chapter_arrays=Non
         live.close()
         raise Interrupted(f"stopped at once; {last_good(session, i)}") from None
     live.close()
-    return finish(session, i, before, after, last_row, details)
+    faults.reached("before_finish")
+    summary = finish(session, i, before, after, last_row, details)
+    session.mark_finished()
+    return summary
 
 
 def last_good(session, step):
-    from mlx_rl.runs import find_checkpoint
-
     ckpt = find_checkpoint(session.run.path)
     if ckpt is None:
         return f"No checkpoint was saved yet; `--resume {session.run.path}` starts it again."
-    import json
-
     saved = json.loads((ckpt / "trainer_state.json").read_text()).get("step")
     return f"The last good checkpoint (step {saved}) is intact: {ckpt} (--resume {session.run.path} continues from it)"
 
@@ -173,6 +181,7 @@ def finish(session, steps, before, after, last_row, details):
         from mlx_rl.plots import plot_run
 
         plot_run(run_dir.path)
+    last_row = last_row or (run_dir.metrics() or [{}])[-1]  # a resumed run with no step left: the log's last
     final = {k: v for k, v in last_row.items() if not k.startswith(("time/", "eval/")) and k not in ("step", "wall_s")}
     summary = run_dir.write_summary(summary_dict(
         session.command, steps, run_dir.wall_s, before, after, final, phase_seconds(run_dir.metrics()),

@@ -34,7 +34,7 @@ from mlx_rl.engine.evaluate import evaluate
 from mlx_rl.engine.logprobs import reference_logprobs
 from mlx_rl.engine.models import get_model
 from mlx_rl.engine.update import make_optimizer, make_update
-from mlx_rl.runs import PhaseTimer, Run, check_out_dir, find_checkpoint
+from mlx_rl.runs import PhaseTimer, Run, atomic_write_text, check_out_dir, dumps, find_checkpoint
 
 
 @dataclasses.dataclass
@@ -201,6 +201,17 @@ class Session:
             with lora.fused(self.model) if fuse else nullcontext():
                 save_checkpoint(self.run.checkpoint_dir, self.model, self.tokenizer, self.model_config, state,
                                 self.optimizers, extra_arrays=arrays, extra_files=files, save_weights=fuse)
+
+
+    def mark_finished(self):
+        """Mark the last checkpoint as the end of a finished run (after summary.json is written): --resume of it
+        then says so. A run killed between its last save and this finishes its summary on --resume."""
+        if not self.run.writer or find_checkpoint(self.run.path) is None:
+            return
+        path = find_checkpoint(self.run.path) / "trainer_state.json"
+        state = json.loads(path.read_text())
+        state.setdefault("chapter", {})["finished"] = True
+        atomic_write_text(path, dumps(state))
 
 
 def latest_pretrain_checkpoint(task_name, runs_dir="runs"):
