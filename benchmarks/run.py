@@ -263,21 +263,25 @@ def plot_family(run_dirs, labels, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mlx_rl.plots import load_series, smooth
+    from mlx_rl.plots import load_run, moving_average
 
     panels = [("eval/accuracy", "held-out greedy accuracy"), ("policy/entropy", "entropy (nats per token)"),
               ("policy/completion_len", "completion length (tokens)"), ("policy/clipfrac", "clip fraction")]
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     for run_dir, label in zip(run_dirs, labels):
-        series = load_series(run_dir)
-        t0 = min((w[0] for _, _, w in series.values() if w), default=0.0)
+        run = load_run(run_dir, label)
+        t0 = min((float(s.wall[0]) for s in run.series.values() if len(s.wall)), default=0.0)
         for ax, (metric, _) in zip(axes, panels):
-            if metric in series:
-                _, ys, walls = series[metric]
-                xs = [w - t0 for w in walls]
-                ax.plot(xs, ys if metric == "eval/accuracy" else smooth(ys, 3), label=label, lw=1.4,
-                        marker="o" if metric == "eval/accuracy" else None, ms=3)
-    for ax, (_, name) in zip(axes, panels):
+            if metric in run.series:
+                series = run.series[metric]
+                xs = series.wall - t0
+                if metric == "eval/accuracy":
+                    ax.plot(xs, series.values, label=label, lw=1.4, marker="o", ms=3)
+                else:
+                    ax.plot(xs, moving_average(series.values, 3), label=label, lw=1.4)
+    for ax, (metric, name) in zip(axes, panels):
+        if metric == "policy/completion_len":
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # from 0, with room above: a flat length stays visible
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("seconds of training", fontsize=9)
         ax.grid(alpha=0.3)

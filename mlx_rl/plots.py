@@ -78,6 +78,7 @@ METRICS = {
     "policy/sampler_mismatch": ("Sampler vs trainer log-prob difference", "nats / token"),
     "optim/skipped_updates": ("Updates skipped for a non-finite value", "updates"),
     "dpo/round": ("On-policy round", "round"),
+    "dapo/filtered_frac": ("Dynamic sampling: groups replaced for having no signal", "share of groups"),
     "dapo/refill_rounds": ("Dynamic sampling: refill rounds", "rounds"),
     "dapo/repeated_groups": ("Dynamic sampling: groups repeated to fill the batch", "groups"),
     "kl/k1": ("KL estimate k1", "nats / token"),

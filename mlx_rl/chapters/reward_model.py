@@ -84,29 +84,29 @@ class LabellerConfig:
     """The simulated labeller's settings (reward-model --task, label-pairs)."""
 
     label_noise: float = option(0.1, "labeller: chance it picks the worse answer of a pair (its noise)", min=0.0, max=0.5)
-    length_bias: float = option(0.5, "labeller: chance that, of two answers of different lengths, it picks the longer "
+    length_bias: float = option(0.7, "labeller: chance that, of two answers of different lengths, it picks the longer "
                                 "one whatever they say (its bias; 0: none)", min=0.0, max=1.0)
     max_extra: int = option(2, "labeller: longer answers it is shown have 1 to this many digits appended", min=1, max=8)
-    pair_prompts: int = option(4000, "labeller: training prompts it compares answers for", min=1)
+    pair_prompts: int = option(8000, "labeller: training prompts it compares answers for", min=1)
     pairs_per_prompt: int = option(2, "labeller: pairs per prompt (from 5 candidate answers)", min=1, max=10)
 
 
 @dataclasses.dataclass
 class RewardModelConfig(LLMConfig, LabellerConfig):
-    steps: int = option(400, "number of training steps (batches of pairs)", min=1, resumable=True)
+    steps: int = option(150, "number of training steps (batches of pairs)", min=1, resumable=True)
     pairs: typing.Optional[str] = option(None, "preference pairs in TRL's formats (a JSONL file, or a folder with "
                                          "train.jsonl and valid.jsonl); default: the simulated labeller on --task")
     valid_share: float = option(0.1, "--pairs without valid.jsonl: share of prompts held out", min=0.0, max=0.5)
-    batch_size: int = option(32, "pairs per step", min=1)
-    lr: float = option(3e-4, "learning rate (AdamW)", above=0.0, resumable=True)
-    warmup: int = option(20, "linear learning-rate warm-up steps", min=0)
+    batch_size: int = option(128, "pairs per step", min=1)
+    lr: float = option(1e-3, "learning rate (AdamW)", above=0.0, resumable=True)
+    warmup: int = option(10, "linear learning-rate warm-up steps", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
     lr_schedule: str = option("cosine", "learning rate after warm-up: constant, or cosine decay to lr/20",
                               choices=["constant", "cosine"])
     train_body: bool = option(True, "train the language model under the head too (--no-train-body: the head alone; "
                               "with --lora-rank: the head and the adapters)")
     calibration_bins: int = option(5, "bins of the calibration figure (confidence 0.5..1)", min=2)
-    eval_every: int = option(100, "score the held-out pairs every N steps (0: only at the start and the end)", min=0,
+    eval_every: int = option(25, "score the held-out pairs every N steps (0: only at the start and the end)", min=0,
                              resumable=True)
 
 
