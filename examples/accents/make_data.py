@@ -39,11 +39,12 @@ VALID_SHARE = 10  # percent of all words kept for validation (by a hash of the w
 
 
 def random_word(rng, accented):
-    """2 or 3 syllables; with accented=True at least one vowel carries an accent (or a c before a, o, u a cedilla)."""
+    """2 or 3 syllables; with accented=True at least one vowel carries an accent (or a c before a, o, u a cedilla).
+    One word in five starts with its vowel ("élève"), so a capital accent can come first."""
     while True:
         syllables = []
-        for _ in range(rng.choice([2, 2, 3])):
-            onset = rng.choice(ONSETS)
+        for k in range(rng.choice([2, 2, 3])):
+            onset = "" if k == 0 and rng.random() < 0.2 else rng.choice(ONSETS)
             vowel = rng.choice(ACCENTED) if accented and rng.random() < 0.4 else rng.choice(VOWELS)
             if onset == "c" and vowel[0] in "aou" and accented and rng.random() < 0.5:
                 onset = "ç"
@@ -97,7 +98,8 @@ def main():
     parser.add_argument("--corpus-rows", type=int, default=20000)
     parser.add_argument("--train-prompts", type=int, default=2000)
     parser.add_argument("--valid-prompts", type=int, default=500)
-    parser.add_argument("--mistake-rate", type=float, default=0.75, help="share of accented words written without accents")
+    parser.add_argument("--mistake-rate", type=float, default=0.75,
+                        help="share of the words with accents that the corpus writes without them")
     args = parser.parse_args()
 
     rng = random.Random(args.seed)

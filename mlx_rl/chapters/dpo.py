@@ -232,6 +232,8 @@ def prepare_pairs(cfg, session, round_index):
 
 def train(cfg):
     resolve_policy_model(cfg)
+    if cfg.pairs:
+        read_pairs(cfg.pairs)  # a bad pair file stops here, in one line, before a model is loaded or a run is written
     session = start("dpo", cfg)
     tokenizer, world, run = session.tokenizer, session.world, session.run
     pad_id = tokenizer.pad_token_id or 0

@@ -41,6 +41,8 @@ def warn_task_mismatch(model, task_name, data):
         return
     was = trained.get("data") or trained.get("task")
     now = data or task_name
+    if trained.get("command") == "pretrain" and trained.get("data") and data:
+        return  # a corpus is never the prompt file it is evaluated on: a different path is the normal case
     if was and was != now:
         click.echo(f"note: {model} was trained on {was!r}, and is evaluated here on {now!r}", err=True)
 
