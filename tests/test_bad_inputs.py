@@ -36,6 +36,7 @@ def world(tmp_path_factory, trained_micro):
     (big_vocab / "tokenizer.json").write_text(json.dumps(tok))
     (root / "pairs-latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
     (root / "data.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n' * 20 + '{"prompt": 3}\n')
+    (root / "cyrillic.jsonl").write_text("".join(json.dumps({"prompt": f"жё{i}", "answer": "ж"}) + "\n" for i in range(40)))
     (root / "noanswer.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+1=", "solution": str(i + 1)}) + "\n" for i in range(40)))
     (root / "broken_reward.py").write_text("def score(prompts, completions, **kw):\n    return [1.0 for c in completions\n")
     (root / "raises.py").write_text("def score(prompts, completions, **kw):\n    raise ValueError('cannot parse')\n")
@@ -60,6 +61,8 @@ CASES = {  # name: (args with {root}, {run}, {ckpt} filled in, a phrase the one 
     "temperature nan": (["ppo", "--temperature", "nan"], "finite"),
     "unknown task": (["grpo", "--model", "{ckpt}", "--task", "mult"], "built-in tasks are addition, sort"),
     "malformed data": (["grpo", "--model", "{ckpt}", "--data", "{root}/data.jsonl", "--reward", "exact"], "data.jsonl:21"),
+    "characters the tokenizer lacks": (["grpo", "--model", "{ckpt}", "--data", "{root}/cyrillic.jsonl", "--reward", "exact"],
+                                       "has no token for"),
     "reward needs a column": (["grpo", "--model", "{ckpt}", "--data", "{root}/noanswer.jsonl", "--reward", "exact"],
                               "needs column 'answer'"),
     "reward file fails to import": (["grpo", "--model", "{ckpt}", "--reward", "{root}/broken_reward.py:score"],

@@ -91,9 +91,10 @@ class Reference:
         self.model.freeze()
         self.model.eval()
 
-    def logprobs(self, tokens, temperature=1.0):
+    def logprobs(self, tokens, temperature=1.0, **layout):
+        """(B, T-1) log-probs of tokens[:, 1:]; layout: token_logprobs' group_size, shared_len and skip."""
         self.calls += 1
-        return reference_logprobs(self.model, tokens, temperature)
+        return reference_logprobs(self.model, tokens, temperature, **layout)
 
 
 @dataclasses.dataclass
@@ -246,6 +247,14 @@ def check_model(cfg, model, tokenizer, task=None):
     if cfg.chat_template and not has_template:
         raise MlxRlError(f"--chat-template: the tokenizer of {cfg.model or 'the new model'} has no chat template "
                          "(use --no-chat-template)")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    chars = task.chars() if task is not None and unk is not None else ""
+    if chars and unk in tokenizer.encode(chars, add_special_tokens=False):
+        missing = [c for c in chars if unk in tokenizer.encode(c, add_special_tokens=False)]
+        shown = ", ".join(repr(c) for c in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise MlxRlError(f"the tokenizer of {cfg.model or 'the model'} has no token for {shown}, which the data uses: "
+                         f"it would read them all as {tokenizer.unk_token!r} (pretrain a new model on this data, or "
+                         "pick a model whose vocabulary covers it)")
     rows = getattr(getattr(task, "data", None), "train", None) or []
     chat_row = next((r for r in rows[:1000] if isinstance(r, dict) and isinstance(r.get("prompt"), list)), None)
     if chat_row is not None and not has_template:

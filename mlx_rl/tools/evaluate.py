@@ -69,7 +69,8 @@ def run_eval(cfg):
         metrics.update(evaluate_pass_at_k(model, tokenizer, task, rows, ks, n=cfg.pass_k_samples or None,
                                           chat_template=cfg.chat_template))
     if cfg.json:
-        click.echo(json.dumps({"model": cfg.model, "task": task.name, "prompts": len(rows), **metrics, "samples": samples}))
+        click.echo(json.dumps({"model": cfg.model, "task": task.name, "prompts": len(rows), **metrics, "samples": samples},
+                              ensure_ascii=False))
         return metrics
     headline = (f"accuracy {metrics['eval/accuracy']:.1%}, " if "eval/accuracy" in metrics else "")
     click.echo(f"{task.name} on {len(rows)} held-out prompts: {headline}mean reward {metrics['eval/reward']:.3f}"
