@@ -188,9 +188,9 @@ class CountingReference:
         self.inner = Reference(model)
         self.calls = 0
 
-    def logprobs(self, tokens, temperature=1.0):
+    def logprobs(self, tokens, temperature=1.0, **layout):
         self.calls += 1
-        return self.inner.logprobs(tokens, temperature)
+        return self.inner.logprobs(tokens, temperature, **layout)
 
 
 def step_once(micro, beta, reward_fn, inner_iters=1):

@@ -146,3 +146,32 @@ def test_shared_prefix_logprobs_and_gradients_match_the_plain_pass(micro, shared
     for (name, a), (_, b) in zip(tree_flatten(plain_grads), tree_flatten(shared_grads)):
         assert np.abs(np.array(a)).max() > 0, name  # every parameter gets a gradient
         assert np.allclose(a, b, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_skipped_prompt_positions_change_nothing_the_mask_reads(micro, shared):
+    """skip = S - 1 (what GRPO passes): the completion positions and the gradients of a masked loss are the full
+    pass's; the skipped positions are 0. Skipping past the shared prefix (skip > S - 1) works too."""
+    model, tokenizer = micro
+    G = 3
+    tokens, mask, shared_len = grouped_batch(tokenizer, G)
+    layout = dict(group_size=G, shared_len=shared_len) if shared else {}
+    plain_lp, plain_ent = token_logprobs(model, tokens, 0.7)
+    for skip in (shared_len - 1, shared_len + 1):
+        lp, ent = token_logprobs(model, tokens, 0.7, skip=skip, **layout)
+        assert lp.shape == ent.shape == mask.shape
+        assert np.allclose(lp[:, skip:], plain_lp[:, skip:], atol=ATOL)
+        assert np.allclose(ent[:, skip:], plain_ent[:, skip:], atol=ATOL)
+        assert not np.array(lp[:, :skip]).any() and not np.array(ent[:, :skip]).any()
+    assert not np.array(mask[:, : shared_len - 1]).any()  # so GRPO's skip drops nothing the loss reads
+
+    def loss(**kwargs):
+        return lambda: masked_mean(token_logprobs(model, tokens, 0.7, **kwargs)[0], mask)
+
+    plain_loss, plain_grads = nn.value_and_grad(model, loss())()
+    skip_loss, skip_grads = nn.value_and_grad(model, loss(skip=shared_len - 1, **layout))()
+    assert abs(plain_loss.item() - skip_loss.item()) < 1e-5
+    for (name, a), (_, b) in zip(tree_flatten(plain_grads), tree_flatten(skip_grads)):
+        assert np.allclose(a, b, atol=1e-5, rtol=1e-4), name
+    ref = reference_logprobs(Reference(model).model, tokens, 0.7, skip=shared_len - 1, **layout)
+    assert np.allclose(np.array(ref) * np.array(mask), np.array(plain_lp) * np.array(mask), atol=ATOL)

@@ -79,8 +79,10 @@ def make_loss_fn(cfg, variant):
     """loss_fn(model, *arrays) for the update step: the forward pass, then the variant's loss."""
 
     def loss_fn(model, tokens, mask, advantages, old_logprobs, ref_logprobs, first, n_rows, n_tokens, shared_len=0):
-        # shared_len: the group's rows share their first shared_len tokens (the prompt), run once per group
-        logprobs, entropy = token_logprobs(model, tokens, cfg.temperature, cfg.group_size, shared_len)  # (B, T-1) x 2
+        # shared_len: the group's rows share their first shared_len tokens (the prompt), run once per group;
+        # the positions before shared_len - 1 predict prompt tokens, which the mask drops: not scored at all
+        logprobs, entropy = token_logprobs(model, tokens, cfg.temperature, cfg.group_size, shared_len,
+                                           skip=max(shared_len - 1, 0))  # (B, T-1) x 2
         logprobs = masked(logprobs, mask)
         # At the first epoch the old policy is the current one: the same numbers, no gradient.
         old_logprobs = mx.stop_gradient(mx.where(first, logprobs, old_logprobs))
@@ -163,7 +165,8 @@ def grpo_step(session, cfg, variant, update, max_new_tokens):
     ref_logprobs = mx.zeros(mask.shape)
     if cfg.kl_coef > 0:
         with timer("reference"):
-            ref_logprobs = session.reference.logprobs(tokens, cfg.temperature)  # (B, T-1), no gradient
+            ref_logprobs = session.reference.logprobs(  # (B, T-1), no gradient; laid out as the policy's pass
+                tokens, cfg.temperature, group_size=G, shared_len=shared_len, skip=max(shared_len - 1, 0))
             mx.eval(ref_logprobs)
 
     old_logprobs, per_epoch = mx.zeros(mask.shape), []

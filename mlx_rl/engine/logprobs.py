@@ -97,7 +97,8 @@ def entropy_of(logprobs, probs, top_p=1.0):
     return -terms.sum(axis=-1)
 
 
-def token_logprobs(model, tokens, temperature=1.0, group_size=1, shared_len=0, top_p=1.0, return_hidden=False):
+def token_logprobs(model, tokens, temperature=1.0, group_size=1, shared_len=0, top_p=1.0, return_hidden=False,
+                   skip=0):
     """Per-token log-probs and entropies of tokens[:, 1:] given their prefixes, under the sampled distribution.
 
     Returns (B, T-1) x 2 (and the final hidden states (B, T-1, H) with return_hidden,
@@ -105,18 +106,26 @@ def token_logprobs(model, tokens, temperature=1.0, group_size=1, shared_len=0, t
     in groups of G adjacent rows whose first S tokens are the same (a GRPO batch:
     each prompt G times). The model then runs those S tokens once per group and only
     the rest once per row (`shared_prefix_logits`): the same numbers, less work.
+    skip: leave the first `skip` positions unscored (0 there; the model still reads their
+    tokens). A GRPO batch passes S - 1, the positions whose targets are prompt tokens,
+    which no loss reads: a real model's vocabulary (49k-150k) makes the softmax, the
+    entropy and their backward over the prompt positions most of a short completion's cost.
     """
     inputs = tokens[:, :-1]
+    skip = max(0, min(skip, inputs.shape[1] - 1))
     if return_hidden:
         hidden = model.model(inputs)  # (B, T-1, H) final-normed hidden states
-        logits = output_layer(model, hidden)
+        logits = output_layer(model, hidden)[:, skip:]
     elif group_size > 1 and shared_len > 0 and plain_kv_layers(model):
-        logits = shared_prefix_logits(model, inputs, group_size, shared_len)
+        logits = shared_prefix_logits(model, inputs, group_size, shared_len, skip)
     else:
-        logits = model(inputs)  # (B, T-1, V)
-    logp_all, probs = sampled_distribution(logits, temperature, top_p, with_probs=True)  # (B, T-1, V) x 2
-    logprobs = mx.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]  # (B, T-1)
-    entropy = entropy_of(logp_all, probs, top_p)  # (B, T-1)
+        logits = model(inputs)[:, skip:]  # (B, T-1-skip, V)
+    logp_all, probs = sampled_distribution(logits, temperature, top_p, with_probs=True)  # (B, T-1-skip, V) x 2
+    logprobs = mx.take_along_axis(logp_all, tokens[:, 1 + skip :, None], axis=-1)[..., 0]  # (B, T-1-skip)
+    entropy = entropy_of(logp_all, probs, top_p)  # (B, T-1-skip)
+    if skip:
+        pad = mx.zeros((logprobs.shape[0], skip), dtype=logprobs.dtype)
+        logprobs, entropy = mx.concatenate([pad, logprobs], axis=1), mx.concatenate([pad, entropy], axis=1)  # (B, T-1)
     return (logprobs, entropy, hidden) if return_hidden else (logprobs, entropy)
 
 
@@ -162,22 +171,22 @@ def plain_kv_layers(model):
     return all(type(c) is KVCache for c in make_prompt_cache(model))
 
 
-def shared_prefix_logits(model, inputs, group_size, shared_len):
-    """model(inputs) for rows in groups of `group_size` that share their first `shared_len` tokens.
+def shared_prefix_logits(model, inputs, group_size, shared_len, skip=0):
+    """model(inputs)[:, skip:] for rows in groups of `group_size` that share their first `shared_len` tokens.
 
     inputs (B, L) with B = P * G; rows g*G .. g*G + G-1 must agree on inputs[:, :S].
     The shared tokens run once per group (P rows), their keys and values are
     repeated G times, and the remaining L - S tokens run once per row. Causal
     attention makes this exact; gradients reaching the shared part are summed
-    over the group, as they would be over its G copies. Returns (B, L, V).
+    over the group, as they would be over its G copies. Returns (B, L - skip, V).
     """
     S = min(shared_len, inputs.shape[1] - 1)
     caches = [PrefixCache() for _ in model.layers]
-    prefix_logits = model(inputs[::group_size, :S], cache=caches)  # (P, S, V)
+    prefix_logits = model(inputs[::group_size, :S], cache=caches)[:, skip:]  # (P, S - skip, V)
     for c in caches:
         c.repeat_rows(group_size)
     rest_logits = model(inputs[:, S:], cache=caches)  # (B, L - S, V)
-    return mx.concatenate([mx.repeat(prefix_logits, group_size, axis=0), rest_logits], axis=1)
+    return mx.concatenate([mx.repeat(prefix_logits, group_size, axis=0), rest_logits[:, max(0, skip - S) :]], axis=1)
 
 
 def sequence_logprobs(model, tokens, mask, temperature=1.0):
@@ -201,7 +210,9 @@ def masked(x, mask, fill=0.0):
     return mx.where(mask > 0, x, fill)
 
 
-def reference_logprobs(ref_model, tokens, temperature=1.0):
-    """Log-probs under a frozen reference: no gradient can flow into it. (B, T-1)"""
-    logprobs, _ = token_logprobs(ref_model, tokens, temperature)
+def reference_logprobs(ref_model, tokens, temperature=1.0, **layout):
+    """Log-probs under a frozen reference: no gradient can flow into it. (B, T-1)
+
+    layout: token_logprobs' group_size, shared_len and skip, for a GRPO batch."""
+    logprobs, _ = token_logprobs(ref_model, tokens, temperature, **layout)
     return mx.stop_gradient(logprobs)
