@@ -10,6 +10,12 @@ For each RL chapter it also runs the control: continued pretraining on the same
 run's learning rate, and draws both accuracy curves over wall time in one plot.
 A run over 60 minutes is killed and marked FAIL; the runner then exits non-zero.
 
+RLHF (`reward-model`, `reward-model-clean`, `rlhf-ppo`, `rlhf-ppo-kl`): a reward model on the simulated
+labeller's biased pairs, one on clean pairs, then PPO on the biased one's learned reward, without and with a
+strong KL penalty. Each should take under 10 minutes here (else FAIL); the table rlhf.md gives the reward
+models' held-out pair accuracy, and for the PPO runs the verifier's peak and final held-out accuracy, the learned
+reward and the completion length at the start, at the peak and at the end.
+
 GRPO's family (`grpo-family` on addition, `grpo-family-sort` on sort) runs every
 `--variant` at its defaults from the same pretraining checkpoint, and writes one
 overlay per task (held-out accuracy, entropy, completion length and clip fraction
@@ -40,6 +46,9 @@ LIMIT_S = 3600
 MLXRL = [sys.executable, "-m", "mlx_rl"]
 AFTER = "after.eval/accuracy"  # summary.json: held-out greedy accuracy at the end
 
+RLHF_RECIPE = ["--max-new-tokens", "6", "--temperature", "1.3"]  # room for longer answers, and a chance to try them
+RLHF_REMEDY_KL = "0.5"
+
 # name -> (command args after `mlx-rl`, the summary figure to report, needs a pretrained checkpoint of task)
 CHAPTERS = {
     "icemaze": (["icemaze"], "after.eval/success_rate", None),
@@ -56,8 +65,16 @@ CHAPTERS = {
     "grpo-sort": (["grpo", "--task", "sort"], AFTER, "sort"),
     "ppo": (["ppo", "--task", "addition"], AFTER, "addition"),
     "dpo": (["dpo", "--task", "addition"], AFTER, "addition"),
+    "reward-model": (["reward-model", "--task", "addition"], AFTER, "addition"),
+    "reward-model-clean": (["reward-model", "--task", "addition", "--label-noise", "0", "--length-bias", "0"], AFTER,
+                           "addition"),
+    "rlhf-ppo": (["ppo", "--task", "addition", "--reward-model", "{reward-model}", *RLHF_RECIPE], AFTER, "addition"),
+    "rlhf-ppo-kl": (["ppo", "--task", "addition", "--reward-model", "{reward-model}", *RLHF_RECIPE, "--kl-coef",
+                     RLHF_REMEDY_KL], AFTER, "addition"),
 }
 RL_CHAPTERS = {"grpo", "grpo-sort", "ppo", "dpo"}
+RLHF = {"reward-model", "reward-model-clean", "rlhf-ppo", "rlhf-ppo-kl"}  # no control; each under 10 minutes
+RLHF_LIMIT_S = 600
 FAMILIES = {"grpo-family": "addition", "grpo-family-sort": "sort"}  # name -> task: every --variant, one overlay
 VARIANTS = ["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo"]
 FAMILY_LIMIT_S = 600  # each variant's run should take under 10 minutes here
@@ -102,7 +119,7 @@ def main():
         parser.error(f"unknown chapters: {', '.join(sorted(unknown))}")
     out = Path(args.out or ROOT / "benchmarks" / "results" / datetime.now().strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
-    checkpoints = {"addition": args.pretrained, "sort": args.pretrained_sort}
+    checkpoints = {"addition": args.pretrained, "sort": args.pretrained_sort, "reward-model": None}
     results = []
 
     def pretrained_for(task):
@@ -112,12 +129,20 @@ def main():
             results.append(bench(name))
         return checkpoints[task]
 
+    def reward_model_for():
+        if checkpoints["reward-model"] is None:
+            print("[reward-model] needed first", flush=True)
+            results.append(bench("reward-model"))
+        return checkpoints["reward-model"]
+
     def bench(name):
         cmd, figure, task = CHAPTERS[name]
         cmd = list(cmd)
         if task:
             ckpt = pretrained_for(task)
             cmd += ["--model", str(ckpt)]
+        if "{reward-model}" in cmd:
+            cmd[cmd.index("{reward-model}")] = str(reward_model_for())
         run_dir = out / name
         print(f"[{name}] mlx-rl {' '.join(cmd)}", flush=True)
         code, wall = run_command(cmd, run_dir, out / f"{name}.log")
@@ -140,6 +165,15 @@ def main():
                 row["phases_ms_per_step"] = {"error": str(e)}
         if name.startswith("pretrain") and code == 0:
             checkpoints["addition" if name == "pretrain" else "sort"] = run_dir / "checkpoint"
+        if name == "reward-model" and code == 0:
+            checkpoints["reward-model"] = run_dir / "checkpoint"
+        if name in RLHF:
+            if code == 0 and wall > RLHF_LIMIT_S:
+                row["status"] = "FAIL (over 10 min)"
+            if (run_dir / "metrics.jsonl").exists():
+                row["rlhf"] = rlhf_figures(run_dir)
+            print(f"[{name}] {row['status']} in {wall:.0f} s  {row.get('rlhf')}", flush=True)
+            return row
         if task and code == 0:
             row["before"] = first_eval_of_checkpoint(checkpoints[task], task, out / f"{name}-before.json")
             if not args.no_control:
@@ -212,6 +246,12 @@ def main():
             results.append(bench(name))
 
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    if any(r["chapter"] in RLHF for r in results):
+        (out / "rlhf.md").write_text("\n".join(rlhf_table(results)) + "\n")
+        ppo_runs = [out / n for n in ("rlhf-ppo", "rlhf-ppo-kl") if (out / n / "metrics.jsonl").exists()]
+        if ppo_runs:
+            plot_rlhf(ppo_runs, [f"kl_coef {json.loads((d / 'config.json').read_text())['kl_coef']:g}" for d in ppo_runs],
+                      out / "rlhf-hacking.png", "PPO on a learned reward: the reward model's score and the verifier's")
     lines = ["| chapter | status | wall time | before (or optimal) | final | control (same time) | slowest phases (ms/step) |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -224,6 +264,93 @@ def main():
     print("\n".join(lines))
     print(f"\nwritten: {out / 'results.md'}, {out / 'results.json'}")
     sys.exit(0 if all(r["status"] == "ok" for r in results) else 1)
+
+
+def rlhf_figures(run_dir):
+    """From a run's metrics.jsonl. A reward model: final held-out pair accuracy, training seconds to the first
+    evaluation at 90% or more, how often it scores the longer answer higher. A PPO run on a learned reward: the
+    verifier's held-out accuracy at the start, its peak (and step) and the end, the drop from the peak, and the
+    learned reward (eval/reward_rm) and completion length at those points."""
+    from mlx_rl.runs import read_jsonl
+
+    rows = list(read_jsonl(Path(run_dir) / "metrics.jsonl"))
+    evals = [r for r in rows if "eval/accuracy" in r]
+    if not evals:
+        return {}
+    t0 = rows[0]["wall_s"]
+    if "eval/reward_rm" not in evals[0]:  # a reward model
+        first = next((r for r in evals if r["eval/accuracy"] >= 0.9), None)
+        return {"pair_accuracy": evals[-1]["eval/accuracy"], "prefers_longer": evals[-1].get("eval/prefers_longer"),
+                "time_to_90_s": round(first["wall_s"] - t0, 1) if first else None,
+                "train_s": round(rows[-1]["wall_s"] - t0, 1)}
+    peak = max(evals, key=lambda r: r["eval/accuracy"])
+    lengths = {r["step"]: r["policy/completion_len"] for r in rows if "policy/completion_len" in r}
+
+    def at(r):  # (step 0 is the evaluation before training: its length is the first rollout's)
+        return {"step": r["step"], "accuracy": r["eval/accuracy"], "reward_rm": r["eval/reward_rm"],
+                "completion_len": lengths.get(max(r["step"], 1))}
+
+    return {"start": at(evals[0]), "peak": at(peak), "end": at(evals[-1]),
+            "drop_from_peak": peak["eval/accuracy"] - evals[-1]["eval/accuracy"],
+            "reward_rm": [(r["step"], round(r["eval/reward_rm"], 3)) for r in evals],
+            "train_s": round(rows[-1]["wall_s"] - t0, 1)}
+
+
+def rlhf_table(results):
+    pct = lambda v: f"{v:.1%}" if isinstance(v, float) else "-"  # noqa: E731
+    num = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    secs = lambda v: f"{v:.0f} s" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    lines = ["| run | status | wall time | held-out pair accuracy | time to 90% | prefers longer |", "|---|---|---|---|---|---|"]
+    for r in results:
+        f = r.get("rlhf", {})
+        if r["chapter"].startswith("reward-model"):
+            lines.append(f"| {r['chapter']} | {r['status']} | {r['wall_s']:.0f} s | {pct(f.get('pair_accuracy'))} | "
+                         f"{secs(f.get('time_to_90_s'))} | {pct(f.get('prefers_longer'))} |")
+    lines += ["", "| run | status | wall time | accuracy start -> peak (step) -> end | drop from peak | learned reward "
+              "start -> peak -> end | completion length start -> end (tokens) |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        f = r.get("rlhf", {})
+        if r["chapter"].startswith("rlhf") and f:
+            s, p, e = f["start"], f["peak"], f["end"]
+            lines.append(f"| {r['chapter']} | {r['status']} | {r['wall_s']:.0f} s | {pct(s['accuracy'])} -> "
+                         f"{pct(p['accuracy'])} ({p['step']}) -> {pct(e['accuracy'])} | {pct(f['drop_from_peak'])} | "
+                         f"{num(s['reward_rm'])} -> {num(p['reward_rm'])} -> {num(e['reward_rm'])} | "
+                         f"{num(s['completion_len'])} -> {num(e['completion_len'])} |")
+    return lines
+
+
+def plot_rlhf(run_dirs, labels, path, title):
+    """One figure, three panels, one line per run, against PPO steps: the verifier's held-out accuracy, the
+    learned reward of the same held-out answers (eval/reward_rm), and the completion length of the samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mlx_rl.runs import read_jsonl
+
+    panels = [("eval/accuracy", "verifier: held-out accuracy (greedy)"),
+              ("eval/reward_rm", "reward model: held-out score (std units)"),
+              ("policy/completion_len", "sampled completion length (tokens, EOS included)")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for run_dir, label in zip(run_dirs, labels):
+        rows = list(read_jsonl(Path(run_dir) / "metrics.jsonl"))
+        for ax, (metric, _) in zip(axes, panels):
+            points = [(r["step"], r[metric]) for r in rows if metric in r]
+            if points:
+                ax.plot(*zip(*points), marker="o" if metric.startswith("eval/") else None, ms=3, lw=1.5, label=label)
+    for ax, (metric, name) in zip(axes, panels):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("PPO step")
+        ax.grid(alpha=0.3)
+        if metric == "eval/accuracy":
+            ax.set_ylim(0, 1.02)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def family_figures(run_dir, threshold=0.9):

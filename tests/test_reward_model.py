@@ -142,9 +142,8 @@ def test_labeller_noise_and_bias_match_its_settings(noise, bias):
     same, longer_when_shorter_better = [], []
     for r in records:
         right = answers[r["prompt"]]
-        s_chosen = task.rewards.score([r["prompt"]], [r["chosen"]], {"answer": [right]}).total[0]
-        s_rejected = task.rewards.score([r["prompt"]], [r["rejected"]], {"answer": [right]}).total[0]
-        assert s_chosen != s_rejected  # ties are left out
+        s_chosen, s_rejected = (float(a == right) for a in (r["chosen"], r["rejected"]))  # the verifier: exact
+        assert s_chosen != s_rejected  # every pair is the right answer and a wrong one: ties are left out
         assert r["verifier_agrees"] == (s_chosen > s_rejected)
         if len(r["chosen"]) == len(r["rejected"]):
             same.append(s_chosen < s_rejected)
@@ -277,3 +276,26 @@ def test_verifier_weight_adds_the_task_reward(micro_checkpoint, rm_run):
     np.testing.assert_allclose(held.total, verifier, rtol=1e-6)  # evaluation: the verifier, the rm at weight 0
     np.testing.assert_allclose(held.per_reward["rm"], rm_scores, rtol=1e-5, atol=1e-6)
     assert held.names[0] == "exact" and task.max_new_tokens == 6
+
+
+def test_label_pairs_cli_writes_what_reward_model_makes(tmp_path, rm_run):
+    from mlx_rl.cli import main
+
+    main(["label-pairs", "--out", str(tmp_path / "pairs"), "--pair-prompts", "40", "--eval-prompts", "20"])
+    for split in ("train", "valid"):  # the same seed and settings: the very pairs the reward-model run made
+        assert (tmp_path / "pairs" / f"{split}.jsonl").read_text() == (rm_run / "pairs" / f"{split}.jsonl").read_text()
+
+
+def test_reward_model_resumes_with_its_head(tmp_path, micro_checkpoint):
+    from mlx_rl.cli import main
+
+    out = tmp_path / "run"
+    common = ["--batch-size", "8", "--pair-prompts", "40", "--eval-prompts", "20", "--eval-every", "0"]
+    main(["reward-model", "--model", str(micro_checkpoint), "--steps", "2", *common, "--out", str(out)])
+    head_before = mx.load(str(out / "checkpoint" / rmc.HEAD_FILE))
+    main(["reward-model", "--resume", str(out), "--steps", "3"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss/bradley_terry" in r] == [1, 2, 3]
+    assert rows[-1]["loss/bradley_terry"] != pytest.approx(np.log(2), abs=1e-6)  # the head was loaded, not reset
+    head_after = mx.load(str(out / "checkpoint" / rmc.HEAD_FILE))
+    assert not mx.array_equal(head_before["linear.weight"], head_after["linear.weight"]).item()

@@ -92,7 +92,7 @@ class LabellerConfig:
 
 
 @dataclasses.dataclass
-class RewardModelConfig(LLMConfig, LabellerConfig):
+class RewardModelConfig(LabellerConfig, LLMConfig):
     steps: int = option(150, "number of training steps (batches of pairs)", min=1, resumable=True)
     pairs: typing.Optional[str] = option(None, "preference pairs in TRL's formats (a JSONL file, or a folder with "
                                          "train.jsonl and valid.jsonl); default: the simulated labeller on --task")
@@ -262,7 +262,7 @@ class Labeller:
     """
 
     label_noise: float = 0.1
-    length_bias: float = 0.5
+    length_bias: float = 0.7
 
     def choose(self, a, b, score_a, score_b, rng):
         """(chosen, rejected) of answers a, b with the verifier's scores (which differ: one is right)."""
@@ -395,7 +395,7 @@ def evaluate_pairs(rm, pairs, records, pad_id, bins, n_samples=8):
     }
     if different.any():
         # of two answers of different lengths, how often the longer scores higher: the labeller's bias, learned
-        scores_longer = np.where(longer_first, margins > 0, margins < 0)
+        scores_longer = np.where(longer_first, agreed, 1 - agreed)  # a tie counts half
         metrics["eval/prefers_longer"] = float(scores_longer[different].mean())
         metrics["eval/accuracy_same_length"] = float(agreed[~different].mean()) if (~different).any() else float("nan")
         metrics["eval/accuracy_different_length"] = float(agreed[different].mean())
@@ -455,8 +455,9 @@ def train(cfg):
               f"{cfg.length_bias}); the labels agree with the verifier on {stats['verifier_agrees']:.1%}")
 
     head = RewardHead(session.model.args.hidden_size)
+    scale = {"mean": 0.0, "std": 1.0, "margins": np.zeros(0)}  # from the last evaluation, saved with the head
     if session.checkpoint is not None:
-        load_head(head, session.checkpoint / HEAD_FILE)
+        scale["mean"], scale["std"] = load_head(head, session.checkpoint / HEAD_FILE)
     if not cfg.train_body:
         session.model.freeze()  # the head alone (with LoRA the adapters are frozen too)
     rm = RewardModel(session.model, head)
@@ -465,7 +466,6 @@ def train(cfg):
     update = session.update_step(make_loss_fn(), optimizer, model=rm)
     size = min(cfg.batch_size, len(train_pairs))
     per_epoch = len(train_pairs) // size
-    scale = {"mean": 0.0, "std": 1.0, "margins": np.zeros(0)}  # from the last evaluation, saved with the head
 
     def step(i):
         with timer("data"):
