@@ -7,6 +7,7 @@ other stop with a clear line, within 60 s.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -116,8 +117,14 @@ def test_a_killed_rank_stops_the_other_within_a_minute(tmp_path, trained_micro):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    assert "rank 0 of 2: stopped, another rank failed" in text, text[-2000:]
+    # Either rank 0 noticed first (our line), or mlx.launch saw rank 1 die and stopped rank 0 itself (its line):
+    # both name the failed rank, and which comes first is a race between the ring's error and the launcher.
+    ours = "rank 0 of 2: stopped, another rank failed" in text
+    launchers = re.search(r"rank 1 exited with code -9", text) is not None
+    assert ours or launchers, text[-2000:]
+    assert p.returncode != 0
     assert "Traceback" not in text
+    assert len(read_jsonl(out / "metrics.jsonl")) >= 4  # what rank 0 wrote before is still readable
     survivor = rank_pid(out, 0)
     assert survivor is None  # rank 0 exited too
     shutil.rmtree(out, ignore_errors=True)
