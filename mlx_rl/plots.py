@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import textwrap
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -454,9 +455,13 @@ def _draw_series(ax, run, name, x, colour, label, single, ls="-"):
             lo, hi = wilson(ys, run.config["eval_prompts"])
             ax.fill_between(xs, lo, hi, color=colour, alpha=0.15, lw=0)
         if single and name.startswith("eval/") and len(ys) >= 2:  # the before -> after a reader looks for
+            # inside the axes, in the right-hand corner away from where the curve ends
             share = is_share(name)
-            ax.set_title(f"{fmt(ys[0], share)} → {fmt(ys[-1], share)}", loc="right", fontsize=8.5,
-                         fontweight="normal", color="#333")
+            lo_y, hi_y = (0.0, 1.0) if share else (min(ys), max(ys))
+            rose = hi_y == lo_y or (ys[-1] - lo_y) / (hi_y - lo_y) >= 0.5  # ends high: the bottom corner is free
+            ax.text(0.98, 0.04 if rose else 0.96, f"{fmt(ys[0], share)} → {fmt(ys[-1], share)}", transform=ax.transAxes,
+                    ha="right", va="bottom" if rose else "top", fontsize=8.5, color="#333", zorder=5,
+                    bbox=dict(facecolor="white", alpha=0.85, edgecolor="none", pad=1.5))
         return
     if len(ys) > MAX_POINTS:
         bx, mean, lo, hi = bucket(xs, ys)
@@ -522,7 +527,6 @@ def group_figure(runs, group, names, x="step"):
         else:
             varying.append(name)
     if not varying:  # the figure is only its note: the file is where a reader looks ("reward stuck at 0")
-        import textwrap
 
         drawn.title = figure_title(GROUPS.get(group, group), runs)
         text = "\n".join(textwrap.fill(n, 120) for n in _notes(drawn, runs, group))
@@ -564,7 +568,7 @@ def group_figure(runs, group, names, x="step"):
             ax.set_ylim(0, values.max() * 1.1)  # counts start at zero: 3.98 vs 4 tokens is no change
         elif unit.startswith("nats") and group == "loss" and values.min() > 0 and values.max() > 20 * values.min():
             ax.set_yscale("log")  # cross-entropy falling 5 -> 0.1: on a linear axis the last 90% of training is flat
-        ax.set_title(title, loc="left")
+        ax.set_title(textwrap.fill(title, 52), loc="left")  # a long title takes two lines, not its neighbour's
         ax.set_ylabel(unit)
         ax.set_xlabel(_x_label(runs, x))
         if STEP_MEANS.get(runs[0].command) == "samples per estimate" and x == "step":
@@ -616,7 +620,6 @@ def _notes(drawn, runs, group):
 
 def _finish(fig, title, notes):
     """Figure title on top, notes at the bottom, panels laid out in between."""
-    import textwrap
 
     width_in = fig.get_size_inches()[0]
     chars = int(width_in * 15)
