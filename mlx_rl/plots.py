@@ -193,7 +193,11 @@ def describe(name):
         title, unit = METRICS[base]
         return f"{title}: spread (std)", unit
     if group == "eval" and tail.startswith("accuracy_"):  # eval splits: eval/accuracy_<kind>
-        return f"Accuracy: {tail[len('accuracy_'):].replace('_', ' ')}", "share correct"
+        return f"Held-out accuracy (greedy): {tail[len('accuracy_'):].replace('_', ' ')}", "share correct"
+    if group in ("eval", "reward") and tail.startswith("reward_") or group == "reward" and tail not in ("mean", "std"):
+        reward = tail.removeprefix("reward_")  # a reward of the task's, by its name: eval/reward_format, reward/format
+        where = "Held-out reward (greedy)" if group == "eval" else "Reward of the sampled completions"
+        return f"{where}: {reward.replace('_', ' ')}", "reward"
     if SHARE_WORDS.search(tail or group):
         return name, "share"
     return name, "seconds" if name.endswith("_s") else "value"
