@@ -128,3 +128,27 @@ def test_a_killed_rank_stops_the_other_within_a_minute(tmp_path, trained_micro):
     survivor = rank_pid(out, 0)
     assert survivor is None  # rank 0 exited too
     shutil.rmtree(out, ignore_errors=True)
+
+
+def test_ranks_on_one_machine_share_its_cores(tmp_path, monkeypatch):
+    """mlx.launch -n 2 over loopback: each rank gets half the cores for OpenBLAS (unless the user said otherwise);
+    ranks on other machines don't count, and a run not started by the launcher is left alone."""
+    from mlx_rl.engine import blas
+
+    hostfile = tmp_path / "hosts.json"
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("MLX_RANK", raising=False)
+    monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
+    hostfile.write_text(json.dumps([["127.0.0.1:5000"], ["127.0.0.1:5001"]]))
+    assert blas.ranks_on_loopback() == 0 and blas.share_cores() is None  # no MLX_RANK: not launched
+    monkeypatch.setenv("MLX_RANK", "1")
+    assert blas.ranks_on_loopback() == 2
+    assert blas.share_cores() == 4 and os.environ["OPENBLAS_NUM_THREADS"] == "4"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    assert blas.share_cores() is None and os.environ["OPENBLAS_NUM_THREADS"] == "3"  # the user's setting wins
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    hostfile.write_text(json.dumps([["192.168.1.10:5000"], ["192.168.1.11:5000"]]))  # two Macs
+    assert blas.ranks_on_loopback() == 0 and blas.share_cores() is None
+    hostfile.write_text("not json")
+    assert blas.ranks_on_loopback() == 0

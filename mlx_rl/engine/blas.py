@@ -13,10 +13,17 @@ Control it with the environment variable MLX_RL_OPENBLAS:
   a file path       load that library instead
 Install it on Debian/Ubuntu with `apt-get install libopenblas0-pthread`.
 macOS uses Accelerate/Metal and nothing here runs.
+
+Several ranks of one run on one machine (`mlx.launch -n 2` over loopback) would
+each start one OpenBLAS thread per core, and the threads then fight over the
+cores: a 2-process pretraining step here took 467 ms so, 187 ms with the cores
+shared out. So when the launcher's hostfile puts k ranks on loopback, each gets
+cores / k threads (OPENBLAS_NUM_THREADS, unless you set it yourself).
 """
 
 import ctypes
 import glob
+import json
 import os
 import sys
 
@@ -41,6 +48,29 @@ def disabled_by_user():
     return os.environ.get("MLX_RL_OPENBLAS", "auto").strip().lower() in ("0", "off", "no", "false")
 
 
+def ranks_on_loopback():
+    """How many ranks of an `mlx.launch` ring run share this machine over loopback (0 when not launched so)."""
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if "MLX_RANK" not in os.environ or not hostfile:
+        return 0
+    try:
+        hosts = json.loads(open(hostfile).read())
+        return sum(1 for addresses in hosts
+                   if addresses and str(addresses[0]).rsplit(":", 1)[0] in ("127.0.0.1", "localhost", "[::1]", "::1"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+def share_cores():
+    """OPENBLAS_NUM_THREADS = cores / ranks here, for several ranks on one machine; returns the count or None."""
+    ranks = ranks_on_loopback()
+    if ranks < 2 or "OPENBLAS_NUM_THREADS" in os.environ:
+        return None
+    threads = max(1, (os.cpu_count() or 1) // ranks)
+    os.environ["OPENBLAS_NUM_THREADS"] = str(threads)
+    return threads
+
+
 def use_openblas():
     """Load OpenBLAS globally if allowed and available; return its path or None."""
     global loaded_path
@@ -52,6 +82,7 @@ def use_openblas():
     path = find_openblas() if setting.lower() in ("", "auto", "1", "on") else setting
     if path is None:
         return None
+    share_cores()  # read by OpenBLAS when it loads
     try:
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:

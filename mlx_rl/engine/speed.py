@@ -12,6 +12,7 @@ for the run's config.json; `blas_notice()` is the one line a Linux user without
 OpenBLAS sees at the start of a run.
 """
 
+import os
 import sys
 
 from mlx_rl.engine import blas
@@ -41,6 +42,7 @@ def runtime():
         "mlx": getattr(mx, "__version__", "?"),
         "device": str(mx.default_device()),
         "blas": blas.loaded_path or "MLX's bundled BLAS",
+        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "all cores"),
         "fast_swiglu": fastmath.wanted(),
         "platform": sys.platform,
     }
