@@ -152,3 +152,18 @@ def test_ranks_on_one_machine_share_its_cores(tmp_path, monkeypatch):
     assert blas.ranks_on_loopback() == 0 and blas.share_cores() is None
     hostfile.write_text("not json")
     assert blas.ranks_on_loopback() == 0
+
+
+def test_openblas_kernels_follow_the_cpus_instruction_sets(monkeypatch):
+    """An old OpenBLAS can mistake a new CPU for an old one; the kernels are chosen from the flags, unless set."""
+    from mlx_rl.engine import blas
+
+    assert blas.kernels_for({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx2", "fma"}) == "SkylakeX"
+    assert blas.kernels_for({"avx512f", "avx2", "fma"}) == "Haswell"  # AVX-512 without BW/DQ/VL: not SkylakeX's
+    assert blas.kernels_for({"avx2", "fma", "sse4_2"}) == "Haswell"
+    assert blas.kernels_for({"sse4_2"}) is None and blas.kernels_for(set()) is None
+    monkeypatch.setattr(blas, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    assert blas.choose_kernels() == "Haswell" and os.environ["OPENBLAS_CORETYPE"] == "Haswell"
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Zen")
+    assert blas.choose_kernels() is None and os.environ["OPENBLAS_CORETYPE"] == "Zen"  # the user's choice stays

@@ -43,6 +43,7 @@ def runtime():
         "device": str(mx.default_device()),
         "blas": blas.loaded_path or "MLX's bundled BLAS",
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "all cores"),
+        "blas_kernels": os.environ.get("OPENBLAS_CORETYPE", "OpenBLAS's own choice") if blas.loaded_path else None,
         "fast_swiglu": fastmath.wanted(),
         "platform": sys.platform,
     }
