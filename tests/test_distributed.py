@@ -121,8 +121,7 @@ def test_a_killed_rank_stops_the_other_within_a_minute(tmp_path, trained_micro):
     # both name the failed rank, and which comes first is a race between the ring's error and the launcher.
     ours = "rank 0 of 2: stopped, another rank failed" in text
     launchers = re.search(r"rank 1 exited with code -9", text) is not None
-    assert ours or launchers, text[-2000:]
-    assert p.returncode != 0
+    assert ours or launchers, text[-2000:]  # (mlx.launch itself exits 0 whatever its ranks did)
     assert "Traceback" not in text
     assert len(read_jsonl(out / "metrics.jsonl")) >= 4  # what rank 0 wrote before is still readable
     survivor = rank_pid(out, 0)
