@@ -19,7 +19,8 @@ from mlx_rl.runs import read_jsonl
 
 pytestmark = pytest.mark.slow
 
-PRETRAIN = ["pretrain", "--preset", "micro", "--steps", "30", "--batch-size", "8", "--eval-every", "10",
+# long enough that random kills 0.5-5 s after a start still land mid-run with OpenBLAS's fast kernels
+PRETRAIN = ["pretrain", "--preset", "micro", "--steps", "400", "--batch-size", "8", "--eval-every", "100",
             "--eval-prompts", "20", "--save-every", "3"]
 GRPO = ["grpo", "--steps", "40", "--prompts-per-step", "4", "--group-size", "4", "--eval-every", "10", "--eval-prompts", "20",
         "--save-every", "2", "--pass-k", "1,2", "--pass-k-prompts", "8"]
