@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 # long enough that random kills 0.5-5 s after a start still land mid-run with OpenBLAS's fast kernels
 PRETRAIN = ["pretrain", "--preset", "micro", "--steps", "400", "--batch-size", "8", "--eval-every", "100",
             "--eval-prompts", "20", "--save-every", "3"]
-GRPO = ["grpo", "--steps", "40", "--prompts-per-step", "4", "--group-size", "4", "--eval-every", "10", "--eval-prompts", "20",
+GRPO = ["grpo", "--steps", "160", "--prompts-per-step", "4", "--group-size", "4", "--eval-every", "40", "--eval-prompts", "20",
         "--save-every", "2", "--pass-k", "1,2", "--pass-k-prompts", "8"]
 TARGETED = ["mid_save:1", "mid_swap:1", "after_log:2", "mid_save:2", "mid_swap:3", "after_log:5"]
 
