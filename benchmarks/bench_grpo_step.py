@@ -62,6 +62,26 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def timed_steps(session, cfg, variant, update, max_new_tokens, warmup, steps):
+    """Run warmup untimed GRPO steps, then time `steps` more. Returns (seconds per step, phase timings per step,
+    completion lengths); a timed step that made no update stops the benchmark, since its figure would be too low."""
+    step_s, phases, lengths = [], [], []
+    for i in range(warmup + steps):
+        session.seed_step(i)
+        start_s = time.perf_counter()
+        row, _ = grpo.grpo_step(session, cfg, variant, update, max_new_tokens)
+        seconds = time.perf_counter() - start_s
+        times = session.timer.pop()
+        if i < warmup:
+            continue
+        if row["grpo/skipped"]:
+            raise SystemExit("a timed step took no update (all groups zero-signal): the figure would be too low")
+        step_s.append(seconds)
+        phases.append(times)
+        lengths.append(row["policy/completion_len"])
+    return step_s, phases, lengths
+
+
 def measure(args):
     """Time args.steps GRPO steps after args.warmup untimed ones. Returns the figures as a dict."""
     out = tempfile.mkdtemp(prefix="bench-grpo-")
@@ -81,19 +101,7 @@ def measure(args):
     variant = grpo_family.make_variant(cfg, args.max_new_tokens)
     optimizer = session.optimizer(cfg.lr, cfg.steps)
     update = session.update_step(grpo.make_loss_fn(cfg, variant), optimizer)
-    step_s, phases = [], []
-    for i in range(args.warmup + args.steps):
-        session.seed_step(i)
-        start_s = time.perf_counter()
-        row, _ = grpo.grpo_step(session, cfg, variant, update, args.max_new_tokens)
-        seconds = time.perf_counter() - start_s
-        times = session.timer.pop()
-        if i < args.warmup:
-            continue
-        if row["grpo/skipped"]:
-            raise SystemExit("a timed step took no update (all groups zero-signal): the figure would be too low")
-        step_s.append(seconds)
-        phases.append(times)
+    step_s, phases, _ = timed_steps(session, cfg, variant, update, args.max_new_tokens, args.warmup, args.steps)
 
     names = sorted({k for p in phases for k in p})
     return {

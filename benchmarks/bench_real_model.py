@@ -53,6 +53,7 @@ speed.enable()  # OpenBLAS before MLX
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+import bench_grpo_step  # noqa: E402
 import bench_rollout  # noqa: E402
 from mlx_rl.chapters import grpo, grpo_family  # noqa: E402
 from mlx_rl.data.rewards import load_rewards  # noqa: E402
@@ -112,20 +113,8 @@ def measure_ours(args):
     optimizer = session.optimizer(cfg.lr, cfg.steps)
     update = session.update_step(grpo.make_loss_fn(cfg, variant), optimizer)
     mx.reset_peak_memory()
-    step_s, phases, lengths = [], [], []
-    for i in range(args.warmup + args.steps):
-        session.seed_step(i)
-        start_s = time.perf_counter()
-        row, _ = grpo.grpo_step(session, cfg, variant, update, args.max_new_tokens)
-        seconds = time.perf_counter() - start_s
-        times = session.timer.pop()
-        if i < args.warmup:
-            continue
-        if row["grpo/skipped"]:
-            raise SystemExit("a timed step took no update (all groups zero-signal): the figure would be too low")
-        step_s.append(seconds)
-        phases.append(times)
-        lengths.append(row["policy/completion_len"])
+    step_s, phases, lengths = bench_grpo_step.timed_steps(session, cfg, variant, update, args.max_new_tokens,
+                                                          args.warmup, args.steps)
     names = sorted({k for p in phases for k in p})
     return {
         "peer": f"mlx-rl (mlx {mx.__version__})",
