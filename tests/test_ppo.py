@@ -79,8 +79,30 @@ def test_gae_lambda_0_is_td_error_and_lambda_1_is_ice_maze_return_minus_value():
 def test_token_rewards_put_the_score_on_the_last_token():
     mask = mx.array([[0, 1, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=mx.float32)
     kl = mx.array(np.full((2, 5), 0.5, dtype=np.float32))
-    r = np.array(ppo.token_rewards(mx.array([2.0, 3.0]), kl, mask, kl_coef=0.1))
+    r = np.array(ppo.token_rewards(ppo.last_token_rewards(mx.array([2.0, 3.0]), mask), kl, mask, kl_coef=0.1))
     np.testing.assert_allclose(r, [[0, -0.05, -0.05, 1.95, 0], [0, -0.05, -0.05, -0.05, 2.95]], atol=1e-6)
+
+
+def test_gae_skips_the_environments_tokens():
+    """In an episode the environment's tokens (mask 0) sit between the model's turns: GAE runs over the model's
+    tokens as if those were adjacent, so a reward at the end reaches the first turn, undiminished by the gap."""
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(2, 9)).astype(np.float32)
+    rewards = rng.normal(size=(2, 9)).astype(np.float32)
+    mask = np.array([[0, 1, 1, 0, 0, 1, 0, 1, 0], [1, 0, 1, 1, 0, 0, 0, 1, 1]], dtype=np.float32)
+    gamma, lam = 0.9, 0.8
+    adv, ret = ppo.gae(mx.array(rewards * mask), mx.array(values), mx.array(mask), gamma, lam)
+    for b in range(2):  # the same rows with the masked positions cut out, through the plain recursion
+        keep = mask[b] > 0
+        r, v = rewards[b][keep], values[b][keep]
+        a, running = np.zeros_like(r), 0.0
+        for t in reversed(range(len(r))):
+            next_v = v[t + 1] if t + 1 < len(r) else 0.0
+            running = r[t] + gamma * next_v - v[t] + gamma * lam * running
+            a[t] = running
+        np.testing.assert_allclose(np.array(adv)[b][keep], a, atol=1e-5)
+        np.testing.assert_allclose(np.array(adv)[b][~keep], 0.0)
+        np.testing.assert_allclose(np.array(ret)[b][keep], a + v, atol=1e-5)
 
 
 @pytest.mark.parametrize("value_clip", [0.0, 0.2])

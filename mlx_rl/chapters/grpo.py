@@ -50,6 +50,7 @@ from mlx_rl.chapters.reward_model import LearnedRewardConfig, attach_reward_mode
 from mlx_rl.engine import loop
 from mlx_rl.engine.evaluate import score_rows
 from mlx_rl.engine.logprobs import completion_batch, masked, token_logprobs
+from mlx_rl.engine.episodes import play
 from mlx_rl.engine.sampling import generate, row_keys
 from mlx_rl.engine.session import LLMConfig, batch_check, resolve_policy_model, start
 from mlx_rl.engine.update import current_lr
@@ -94,6 +95,38 @@ def make_loss_fn(cfg, variant):
     return loss_fn
 
 
+def completion_width(rollout, max_new_tokens, bucket=32):
+    """The completion's width in the training batch: max_new_tokens for one turn (every step the same shape,
+    no retracing); an episode's length varies, so it is rounded up to a multiple of `bucket`."""
+    if rollout.episodes is None:
+        return max_new_tokens
+    return -(-rollout.completion_ids.shape[1] // bucket) * bucket
+
+
+def group_shared_len(prompt_ids, group_size):
+    """How many leading tokens every group's rows share (their prompt; an episode's first observation too,
+    where it is the same for the whole group): the part the training pass runs once per group."""
+    shared = min(len(p) for p in prompt_ids)
+    for g in range(0, len(prompt_ids), group_size):
+        first = prompt_ids[g]
+        for other in prompt_ids[g + 1 : g + group_size]:
+            n = next((i for i, (x, y) in enumerate(zip(first, other)) if x != y), min(len(first), len(other)))
+            shared = min(shared, n)
+    return shared
+
+
+def episode_metrics(world, rollout):
+    """env/turns, env/episode_reward, env/<counter> (tool_calls, ...) and policy/env_token_frac, over every rank."""
+    stats = rollout.episodes
+    row = {}
+    for name, values in [("turns", stats.turns), ("episode_reward", stats.rewards), ("truncated_frac", stats.truncated),
+                         *stats.info.items()]:
+        row[f"env/{name}"] = float(world.gather(np.asarray(values, dtype=np.float64)).mean())
+    env_tokens = world.sum(np.array([float(rollout.env_mask.sum().item()), float(rollout.present.sum().item())]))
+    row["policy/env_token_frac"] = float(env_tokens[0] / max(env_tokens[1], 1.0))  # the share of tokens never trained
+    return row
+
+
 def pad_columns(x, n, value=0):
     """Right-pad a (B, N) array to (B, n), so every step has the same shapes (no retracing)."""
     x = np.asarray(x)
@@ -104,37 +137,50 @@ def rollout_batch(session, rows, cfg, max_new_tokens, keys=None):
     """Sample a group per prompt, score it. Returns (rollout, group rows, rewards (P, G) Scores).
 
     keys: one random key per row (sampling.row_keys); by default drawn for these rows.
+    A task with an environment plays a group of G episodes per start instead (engine/episodes.py):
+    the completion is the whole episode, and its reward the environment's (time/generate_s includes
+    the environment's own time).
     """
     G = cfg.group_size
     group_rows = [r for r in rows for _ in range(G)]  # (P*G,) each prompt G times, groups adjacent
+    env = getattr(session.task, "env", None)
     with session.timer("generate"):
-        rollout = generate(session.model, session.tokenizer, group_rows, max_new_tokens, cfg.temperature,
+        if env is not None:
+            rollout = play(session.model, session.tokenizer, group_rows, env, cfg.temperature,
                            chat_template=cfg.chat_template, keys=keys)
+        else:
+            rollout = generate(session.model, session.tokenizer, group_rows, max_new_tokens, cfg.temperature,
+                               chat_template=cfg.chat_template, keys=keys)
     with session.timer("reward"):
-        scores = score_rows(session.task, group_rows, rollout.texts, training=True)
+        if env is not None:
+            scores = rollout.episodes.scores()
+        else:
+            scores = score_rows(session.task, group_rows, rollout.texts, training=True)
     return rollout, group_rows, scores
 
 
 def grpo_step(session, cfg, variant, update, max_new_tokens):
     """One GRPO step: rollout, rewards, advantages, epochs of updates. Returns the step's metrics."""
     world, timer, task = session.world, session.timer, session.task
-    G, N = cfg.group_size, max_new_tokens
+    G = cfg.group_size
     pad_id = session.tokenizer.pad_token_id or 0
     # Every rank draws the global batch of prompts (one RNG stream, as one process would) and keeps whole groups;
     # each row samples from its own key, so the completions don't depend on how the batch is split.
     all_rows = family.draw_prompts(session, cfg, variant)
     keys = row_keys(len(all_rows) * G, world, rows_per_item=G)
-    rollout, group_rows, scores = rollout_batch(session, world.shard(all_rows), cfg, N, keys)
-    rollout, group_rows, scores, refill_stats = family.refill(session, cfg, variant, rollout, group_rows, scores, N)  # DAPO
+    rollout, group_rows, scores = rollout_batch(session, world.shard(all_rows), cfg, max_new_tokens, keys)
+    rollout, group_rows, scores, refill_stats = family.refill(session, cfg, variant, rollout, group_rows, scores,
+                                                              max_new_tokens)  # DAPO
     with timer("reward"):
         rewards = scores.total.reshape(-1, G)  # (P, G) this rank's groups
-        rewards = rewards + variant.overlong_penalty(np.asarray(rollout.lengths), N).reshape(-1, G)
+        rewards = rewards + variant.overlong_penalty(np.asarray(rollout.lengths), max_new_tokens).reshape(-1, G)
         advantages, zero_signal = variant.advantages(rewards)
+        N = completion_width(rollout, max_new_tokens)
         tokens, mask, sampler_logprobs = completion_batch(  # (B, T), (B, T-1) x 2 with T fixed by N
             rollout.prompt_ids, pad_columns(rollout.completion_ids, N, pad_id), pad_columns(rollout.mask, N), pad_id,
-            values=pad_columns(rollout.logprobs, N))
+            values=pad_columns(rollout.logprobs, N), present=pad_columns(rollout.present, N))
         advantages = mx.array(advantages.reshape(-1).astype(np.float32))  # (B,)
-        shared_len = min(len(p) for p in rollout.prompt_ids)  # every row's prompt is its group's prompt
+        shared_len = group_shared_len(rollout.prompt_ids, G)  # the group's rows share their prompt
         n_rows = mx.array(float(world.sum(np.array([mask.shape[0]]))[0]))  # global counts: each rank's loss is a share
         n_tokens = mx.array(float(world.sum(np.array([mask.sum().item()]))[0]))
         mx.eval(tokens, mask, advantages, sampler_logprobs)
@@ -150,6 +196,8 @@ def grpo_step(session, cfg, variant, update, max_new_tokens):
         "grpo/skipped": float(all_zero.all()),
         **refill_stats,
     }
+    if rollout.episodes is not None:
+        row.update(episode_metrics(world, rollout))
     for name in scores.names:
         values = world.gather(scores.per_reward[name])
         row[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
@@ -195,9 +243,14 @@ def train(cfg):
     session = start("grpo", cfg, precheck=batch_check(
         cfg.prompts_per_step * cfg.group_size, cfg.max_new_tokens,
         f"--prompts-per-step {cfg.prompts_per_step} x --group-size {cfg.group_size}"))
-    N = cfg.max_new_tokens or session.task.max_new_tokens
-    variant = family.make_variant(cfg, N, answer_len=0 if cfg.data else session.task.max_new_tokens)
-    if cfg.max_new_tokens and cfg.max_new_tokens < session.task.max_new_tokens and not cfg.data:
+    env = getattr(session.task, "env", None)
+    if env is not None:  # an episode's length: every model turn at its longest (the constant aggregation's L)
+        N = env.max_turns * env.max_turn_tokens
+        variant = family.make_variant(cfg, N, answer_len=N)  # no overlong penalty unless asked for
+    else:
+        N = cfg.max_new_tokens or session.task.max_new_tokens
+        variant = family.make_variant(cfg, N, answer_len=0 if cfg.data else session.task.max_new_tokens)
+    if cfg.max_new_tokens and cfg.max_new_tokens < session.task.max_new_tokens and not cfg.data and env is None:
         print(f"note: --max-new-tokens {cfg.max_new_tokens} is shorter than the task's answer ({session.task.max_new_tokens})")
     attach_reward_model(session, cfg, N)  # --reward-model: train on the learned reward (reward_model.py)
     optimizer = session.optimizer(cfg.lr, cfg.steps, cfg.warmup)
@@ -210,9 +263,20 @@ def train(cfg):
             session.run.log_samples(i + 1, samples)
         return row
 
+    signals = {"reward": "reward/mean", "held-out acc": "eval/accuracy", "KL": "kl/k3", "clip": "policy/clipfrac",
+               "entropy": "policy/entropy"}
+    if env is not None:
+        signals.update(episode_signals(session.task))
     return loop.run(session, step, steps=cfg.steps, details=family.pass_at_k_details(session, cfg),
-                    signals={"reward": "reward/mean", "held-out acc": "eval/accuracy", "KL": "kl/k3",
-                             "clip": "policy/clipfrac", "entropy": "policy/entropy"})
+                    signals=signals)
+
+
+def episode_signals(task):
+    """What the live line adds for a task with an environment: turns, and its tool calls where it has a tool."""
+    signals = {"turns": "env/turns"}
+    if task.name == "calculator" or getattr(task, "tool", False):
+        signals["tool calls"] = "env/tool_calls"
+    return signals
 
 
 cli = command("grpo", GRPOConfig, train, help=__doc__.split("\n\n")[0])

@@ -60,6 +60,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_rl.chapters.grpo import completion_width, episode_metrics, episode_signals, pad_columns
 from mlx_rl.chapters.grpo_family import PassAtKConfig, approx_kl, pass_at_k_details
 from mlx_rl.chapters.kl import k1, k3
 from mlx_rl.chapters.reward_model import LearnedRewardConfig, attach_reward_model
@@ -67,6 +68,7 @@ from mlx_rl.config import MlxRlError, command, option
 from mlx_rl.engine import loop
 from mlx_rl.engine.evaluate import score_rows
 from mlx_rl.engine.logprobs import completion_batch, masked, masked_mean, token_logprobs
+from mlx_rl.engine.episodes import play
 from mlx_rl.engine.sampling import generate, row_keys
 from mlx_rl.engine.session import LLMConfig, batch_check, resolve_policy_model, start
 from mlx_rl.engine.update import current_lr
@@ -131,27 +133,39 @@ class ValueHead(nn.Module):
 # --- the maths ---------------------------------------------------------------------
 
 
-def token_rewards(scores, kl, mask, kl_coef):
-    """r_t = -kl_coef * kl_t on completion tokens, plus the task score on the last one. (B,), (B, T) -> (B, T)"""
+def token_rewards(scores_at, kl, mask, kl_coef):
+    """r_t = -kl_coef * kl_t on the model's tokens, plus the task's reward where it was given. (B, T) each.
+
+    scores_at: the rewards laid out on the tokens that earned them: one completion's score on its last
+    token (`last_token_rewards`); an episode's turn rewards on the last token of each turn.
+    """
+    return (-kl_coef * kl + scores_at) * mask
+
+
+def last_token_rewards(scores, mask):
+    """A completion's score on its last token. (B,), (B, T) -> (B, T)"""
     last = mask * (1 - mx.concatenate([mask[:, 1:], mx.zeros_like(mask[:, :1])], axis=1))  # (B, T) 1 at the last token
-    return (-kl_coef * kl + scores[:, None] * last) * mask
+    return scores[:, None] * last
 
 
 def gae(rewards, values, mask, gamma, lam):
-    """Generalised advantage estimation, backwards over each row's completion tokens. (B, T) each.
+    """Generalised advantage estimation, backwards over each row's model tokens. (B, T) each.
 
-    delta_t = r_t + gamma V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma lam A_{t+1}.
-    Past the last token (EOS or the length limit) V and A are 0, and masked
-    positions (prompt, padding) contribute nothing. Returns (advantages, returns = A + V).
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma lam A_{t+1}, where t + 1 is
+    the row's next *model* token: positions with mask 0 (the prompt, padding, and in an episode the
+    environment's tokens) are skipped, the running value and advantage passing through them
+    unchanged. Past the last token (EOS, the length limit, the episode's end) V and A are 0.
+    Returns (advantages, returns = A + V), 0 where mask is 0.
     """
     next_value = mx.zeros_like(values[:, 0])  # (B,)
     next_adv = mx.zeros_like(values[:, 0])  # (B,)
     out = []
     for t in reversed(range(rewards.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]  # the Ice Maze's running return, minus V
-        next_value = values[:, t] * mask[:, t]
-        out.append(next_adv)
+        here = mask[:, t] > 0
+        next_adv = mx.where(here, delta + gamma * lam * next_adv, next_adv)  # the Ice Maze's running return, minus V
+        next_value = mx.where(here, values[:, t], next_value)
+        out.append(next_adv * mask[:, t])
     advantages = mx.stack(out[::-1], axis=1)  # (B, T)
     return advantages, (advantages + values) * mask
 
@@ -274,17 +288,28 @@ def ppo_step(cfg, session, value_head, update_policy, update_value, kl_coef, ste
     keys = row_keys(len(rows), world)
     mine = world.shard(rows)
     pad_id = tokenizer.pad_token_id or 0
+    env = getattr(task, "env", None)
     with timer("generate"):
-        rollout = generate(policy, tokenizer, mine, max_new_tokens, cfg.temperature, chat_template=cfg.chat_template,
-                           keys=keys)
+        if env is not None:  # a task with an environment: one episode per prompt (engine/episodes.py)
+            rollout = play(policy, tokenizer, mine, env, cfg.temperature, chat_template=cfg.chat_template, keys=keys)
+        else:
+            rollout = generate(policy, tokenizer, mine, max_new_tokens, cfg.temperature,
+                               chat_template=cfg.chat_template, keys=keys)
     with timer("reward"):
-        scored = score_rows(task, mine, rollout.texts, training=True)
-        tokens, mask, sampler_logprobs = completion_batch(rollout.prompt_ids, rollout.completion_ids, rollout.mask,
-                                                          pad_id, values=rollout.logprobs)
-        tokens, mask, sampler_logprobs = (world.gather_rows(tokens, pad_id), world.gather_rows(mask),
-                                          world.gather_rows(sampler_logprobs))
-        scores = world.gather_rows(mx.array(scored.total))  # (B,)
-        mx.eval(scores, tokens, mask, sampler_logprobs)
+        scored = rollout.episodes.scores() if env is not None else score_rows(task, mine, rollout.texts, training=True)
+        width = completion_width(rollout, rollout.completion_ids.shape[1])  # an episode's: rounded up, fewer retraces
+        completion_ids, completion_mask, present = (pad_columns(x, width) for x in (
+            rollout.completion_ids, rollout.mask, rollout.present))
+        tokens, mask, sampler_logprobs = completion_batch(rollout.prompt_ids, completion_ids, completion_mask, pad_id,
+                                                          values=pad_columns(rollout.logprobs, width), present=present)
+        if env is not None:  # each turn's reward on the last token of that turn
+            _, _, scores_at = completion_batch(rollout.prompt_ids, completion_ids, completion_mask, pad_id,
+                                               values=pad_columns(rollout.episodes.turn_rewards, width), present=present)
+        else:
+            scores_at = last_token_rewards(mx.array(scored.total), mask)
+        tokens, mask, sampler_logprobs, scores_at = (world.gather_rows(tokens, pad_id), world.gather_rows(mask),
+                                                     world.gather_rows(sampler_logprobs), world.gather_rows(scores_at))
+        mx.eval(scores_at, tokens, mask, sampler_logprobs)
     B = tokens.shape[0]
     first_epoch = minibatches(rng, B, cfg.minibatch_size)
     taken = np.zeros(B, dtype=bool)
@@ -307,7 +332,7 @@ def ppo_step(cfg, session, value_head, update_policy, update_value, kl_coef, ste
     with timer("advantages"):
         logr = masked(ref_logprobs - old_logprobs, mask)  # (B, T-1) log pi_ref - log pi
         kl_per_token = k1(logr)  # (B, T-1)
-        rewards = token_rewards(scores, kl_per_token, mask, kl_coef)  # (B, T-1)
+        rewards = token_rewards(scores_at, kl_per_token, mask, kl_coef)  # (B, T-1)
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
         adv_mean = masked_mean(advantages, mask)
         stats = {
@@ -361,6 +386,8 @@ def ppo_step(cfg, session, value_head, update_policy, update_value, kl_coef, ste
     })
     if (task.training_rewards or task.rewards).is_verifier():
         row["train/accuracy"] = row[f"reward/{scored.names[0]}"]
+    if rollout.episodes is not None:
+        row.update(episode_metrics(world, rollout))
     if ratio_min != float("inf"):
         row.update({"policy/ratio_min": ratio_min, "policy/ratio_max": ratio_max})
     return row
@@ -413,7 +440,8 @@ def train(cfg):
                     chapter_arrays=lambda: {VALUE_HEAD_FILE: value_head_weights(value_head)},
                     details=pass_at_k_details(session, cfg),  # pass@k of the start now, of the end at the end
                     signals={"reward": "reward/mean", "held-out acc": "eval/accuracy", "KL": "kl/k3",
-                             "clip": "policy/clipfrac", "explained variance": "value/explained_variance"})
+                             "clip": "policy/clipfrac", "explained variance": "value/explained_variance",
+                             **(episode_signals(task) if getattr(task, "env", None) else {})})
 
 
 cli = command("ppo", PPOConfig, train, help=__doc__.split("\n\n")[0])

@@ -24,6 +24,7 @@ import dataclasses
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mlx_rl.config import command, option
 from mlx_rl.engine import loop
@@ -65,7 +66,14 @@ def pretrain_loss(model, tokens, mask, n_tokens):
 
 
 def corpus_batch(task, tokenizer, rng, batch_size, chat_template=False):
-    """A batch of corpus text as (tokens (B, T), mask (B, T-1)) of the answer tokens, EOS included."""
+    """A batch of corpus text as (tokens (B, T), mask (B, T-1)) of the answer tokens, EOS included.
+
+    A task with an environment gives whole episodes of its behaviour instead, as (ids, mask) laid out
+    as the RL chapters' rollouts are: the loss covers the behaviour's turns, never the environment's.
+    """
+    if hasattr(task, "corpus_tokens"):
+        return token_batch([task.corpus_tokens(rng, tokenizer, chat_template) for _ in range(batch_size)],
+                           tokenizer.pad_token_id or 0)
     pairs = [task.corpus_example(rng) for _ in range(batch_size)]
     prompt_ids = encode_prompts(tokenizer, [p for p, _ in pairs], chat_template)
     answers = [tokenizer.encode(c, add_special_tokens=False) + [tokenizer.eos_token_id] for _, c in pairs]
@@ -74,6 +82,16 @@ def corpus_batch(task, tokenizer, rng, batch_size, chat_template=False):
     completion_ids = [a + [pad] * (n - len(a)) for a in answers]
     completion_mask = [[1] * len(a) + [0] * (n - len(a)) for a in answers]
     return completion_batch(prompt_ids, completion_ids, completion_mask, pad)
+
+
+def token_batch(examples, pad_id):
+    """[(ids, mask)] -> (tokens (B, T), mask (B, T-1)), right-padded; mask[t] says whether tokens[t + 1] is trained."""
+    T = max(len(ids) for ids, _ in examples)
+    tokens = np.full((len(examples), T), pad_id, dtype=np.int32)
+    mask = np.zeros((len(examples), T), dtype=np.float32)
+    for i, (ids, m) in enumerate(examples):
+        tokens[i, : len(ids)], mask[i, : len(m)] = ids, m
+    return mx.array(tokens), mx.array(mask[:, 1:])
 
 
 # --- the run -------------------------------------------------------------------------------

@@ -52,6 +52,15 @@ class TaskConfig:
     reward_weights: typing.Tuple[float, ...] = option((), "weights of the --reward functions, comma-separated (default: 1 each)")
     digits: int = option(2, "addition: operand digits (prompts and corpus)", min=1, max=6)
     sort_length: int = option(5, "sort: list length (prompts and corpus)", min=2, max=12)
+    env: typing.Optional[str] = option(None, "your own environment: path/to/file.py:make, make(row) -> env with "
+                                       "reset() and step(text) (see docs/agents.md); --data rows go to make")
+    max_turns: int = option(0, "episodes: model turns per episode at most (0: the environment's own; icemaze "
+                            "2 x (rows + columns - 2), calculator 3, --env 8)", min=0)
+    max_turn_tokens: int = option(0, "episodes: tokens per model turn at most (0: the environment's own; icemaze 4, "
+                                  "calculator 24, --env 64)", min=0)
+    map: str = option("4x4", "icemaze: the board (4x4, 8x8, random:N, a map file, or rows like SFFF/FHFH/FFFH/HFFG)")
+    slippery: bool = option(False, "icemaze: slippery ice (the intended move with probability 1/3, each "
+                            "perpendicular one 1/3)")
 
 
 def mix(x):
@@ -331,6 +340,8 @@ def make_task(cfg, mistake_rate=0.75, corpus=False):
     """
     from mlx_rl.data.rewards import load_rewards
 
+    if getattr(cfg, "env", None) or cfg.task in ENV_TASK_NAMES:
+        return make_env_task_checked(cfg, mistake_rate, corpus)
     rewards = load_rewards(list(cfg.reward), list(cfg.reward_weights) or None) if cfg.reward else None
     if cfg.reward_weights and not cfg.reward:
         raise MlxRlError("--reward-weights needs --reward")
@@ -348,9 +359,27 @@ def make_task(cfg, mistake_rate=0.75, corpus=False):
     return task
 
 
+ENV_TASK_NAMES = ("icemaze", "calculator")  # built-in tasks with an environment (data/envs.py)
+
+
+def make_env_task_checked(cfg, mistake_rate, corpus):
+    """A task with an environment (data/envs.py), its options checked against the others given."""
+    from mlx_rl.data.envs import make_env_task
+
+    what = f"--env {cfg.env}" if getattr(cfg, "env", None) else f"--task {cfg.task}"
+    if cfg.reward:
+        raise MlxRlError(f"{what}: the environment gives the reward; drop --reward")
+    if corpus and getattr(cfg, "env", None):
+        raise MlxRlError(f"pretrain {what}: your environment has no corpus of its own; pretrain (or fine-tune) on "
+                         "transcripts with --data CORPUS.jsonl, then train with the environment in grpo or ppo")
+    if corpus and cfg.data:
+        raise MlxRlError(f"pretrain --data {cfg.data}: a corpus of your own replaces the task's; drop --task {cfg.task}")
+    return make_env_task(cfg, mistake_rate)
+
+
 def get_task(name, digits=2, sort_length=5, mistake_rate=0.75):
     if name not in BUILTIN:
-        raise MlxRlError(f"unknown task '{name}': the built-in tasks are {', '.join(BUILTIN)}; "
+        raise MlxRlError(f"unknown task '{name}': the built-in tasks are {', '.join([*BUILTIN, *ENV_TASK_NAMES])}; "
                          "for your own, give --data FILE.jsonl --reward SPEC (see `mlx-rl tasks`)")
     if name == "addition":
         return Addition(digits=digits, mistake_rate=mistake_rate)

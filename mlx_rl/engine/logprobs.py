@@ -27,16 +27,20 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 
-def completion_batch(prompt_ids, completion_ids, completion_mask, pad_id=0, values=None):
+def completion_batch(prompt_ids, completion_ids, completion_mask, pad_id=0, values=None, present=None):
     """Build (tokens (B, T), mask (B, T-1)) from prompt ids and a rollout's completions.
 
     prompt_ids: (B,) lists; completion_ids, completion_mask: (B, N) arrays.
-    mask[b, t] = 1 where tokens[b, t + 1] is a completion token of row b.
+    mask[b, t] = 1 where tokens[b, t + 1] is a completion token of row b that is trained.
+    present: (B, N) 1 on every completion token that is laid out (default: completion_mask).
+    An episode's completion holds the environment's tokens too: present, so the model reads
+    them, but with mask 0, so no loss, KL or entropy ever does (episodes.py).
     values: (B, N) per-completion-token numbers (the sampler's log-probs), also
     returned laid out like mask, (B, T-1), 0 elsewhere.
     """
     completion_ids = np.array(completion_ids)
     completion_mask = np.array(completion_mask).astype(np.float32)
+    present = completion_mask if present is None else np.array(present).astype(np.float32)
     B, N = completion_ids.shape
     prompt_len = np.array([len(p) for p in prompt_ids])  # (B,)
     P = int(prompt_len.max())
@@ -44,9 +48,9 @@ def completion_batch(prompt_ids, completion_ids, completion_mask, pad_id=0, valu
     for i, p in enumerate(prompt_ids):
         tokens[i, : len(p)] = p
     cols = prompt_len[:, None] + np.arange(N)[None, :]  # (B, N) where each completion token goes
-    np.put_along_axis(tokens, cols, np.where(completion_mask > 0, completion_ids, pad_id), axis=1)
+    np.put_along_axis(tokens, cols, np.where(present > 0, completion_ids, pad_id), axis=1)
     mask = np.zeros((B, P + N), dtype=np.float32)
-    np.put_along_axis(mask, cols, completion_mask, axis=1)
+    np.put_along_axis(mask, cols, completion_mask * (present > 0), axis=1)
     if values is None:
         return mx.array(tokens), mx.array(mask[:, 1:])
     placed = np.zeros((B, P + N), dtype=np.float32)

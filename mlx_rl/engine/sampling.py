@@ -35,6 +35,7 @@ Where the time goes, and what makes it fast (1M-parameter model, 2-core CPU):
     finished rows from the batch, which would help when lengths vary a lot.
 """
 
+import typing
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -52,8 +53,15 @@ class Rollout:
     completion_ids: mx.array  # (B, N) int32, pad after EOS
     logprobs: mx.array  # (B, N) float32, log-prob under the sampling distribution, 0 where mask is 0
     mask: mx.array  # (B, N) float32
-    finish_reasons: list  # (B,) "stop" (EOS) or "length"
+    finish_reasons: list  # (B,) "stop" (EOS) or "length"; episodes: "done" or "max_turns"
     texts: list  # (B,) decoded completions, for rewards and display only
+    env_mask: typing.Optional[mx.array] = None  # (B, N) episodes (episodes.py): 1 on the environment's tokens
+    episodes: typing.Any = None  # episodes.EpisodeStats: rewards, success, turns, transcripts
+
+    @property
+    def present(self):
+        """(B, N) 1 on every token of the completion: the model's and, in an episode, the environment's."""
+        return self.mask if self.env_mask is None else self.mask + self.env_mask
 
     @property
     def lengths(self):
