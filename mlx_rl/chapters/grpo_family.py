@@ -385,6 +385,18 @@ def merge_groups(parts, chosen, G, tokenizer):
         finish_reasons=[parts[j][0].finish_reasons[i] for j, i in rows_idx],
         texts=[parts[j][0].texts[i] for j, i in rows_idx],
     )
+    if parts[0][0].episodes is not None:  # episodes: their environment's tokens and outcomes come along
+        from mlx_rl.engine.episodes import EpisodeStats
+
+        stats = [p[0].episodes for p in parts]
+        pick = lambda get: np.array([get(stats[j])[i] for j, i in rows_idx])  # noqa: E731
+        rollout.env_mask = column(lambda r: r.env_mask)
+        rollout.episodes = EpisodeStats(
+            rewards=pick(lambda s: s.rewards), solved=pick(lambda s: s.solved), turns=pick(lambda s: s.turns),
+            truncated=pick(lambda s: s.truncated),
+            turn_rewards=np.array(column(lambda r: r.episodes.turn_rewards)),
+            info={k: pick(lambda s, k=k: s.info.get(k, np.zeros(len(s.rewards)))) for k in stats[0].info},
+            transcripts=[stats[j].transcripts[i] for j, i in rows_idx])
     group_rows = [parts[j][1][i] for j, i in rows_idx]
     first = parts[0][2]
     total = np.array([parts[j][2].total[i] for j, i in rows_idx], dtype=np.float32)

@@ -68,8 +68,9 @@ def pretrain_loss(model, tokens, mask, n_tokens):
 def corpus_batch(task, tokenizer, rng, batch_size, chat_template=False):
     """A batch of corpus text as (tokens (B, T), mask (B, T-1)) of the answer tokens, EOS included.
 
-    A task with an environment gives whole episodes of its behaviour instead, as (ids, mask) laid out
-    as the RL chapters' rollouts are: the loss covers the behaviour's turns, never the environment's.
+    A task with an environment gives whole episodes of its behaviour instead, and a corpus of the user's
+    its rows, as (ids, mask) laid out as the RL chapters' rollouts are: the loss covers the behaviour's
+    (the assistant's) turns, never the environment's (the tool's).
     """
     if hasattr(task, "corpus_tokens"):
         return token_batch([task.corpus_tokens(rng, tokenizer, chat_template) for _ in range(batch_size)],

@@ -426,7 +426,7 @@ def scripted_episode(tokenizer, row, spec, behaviour, chat_template=False, seed=
     ids = episode_prompts([row], first, tokenizer, chat_template)[0]
     mask = [0] * len(ids)
     fmt = ObservationFormat(tokenizer, chat_template, getattr(env, "role", "user"))
-    eos = tokenizer.eos_token_id
+    eos = fmt.end_of_turn()
     observation = first[0]
     for _ in range(spec.max_turns):
         text, end = behaviour(env, observation)
@@ -436,7 +436,7 @@ def scripted_episode(tokenizer, row, spec, behaviour, chat_template=False, seed=
         if done:
             break
         if observation:
-            obs = fmt.ids(observation, end)
+            obs = fmt.ids(observation, eos if end == "eos" else None)
             ids, mask = ids + obs, mask + [0] * len(obs)
     return ids, mask
 

@@ -309,13 +309,35 @@ class CorpusTask(Task):
             rewards.check_columns(set.intersection(*(set(r) for r in rows)) if rows else set())
 
     def corpus_example(self, rng):
+        return self.corpus_example_of(self.data.train[int(rng.integers(len(self.data.train)))])
+
+    @staticmethod
+    def corpus_example_of(row):
         from mlx_rl.data.datasets import corpus_examples
 
-        row = self.data.train[int(rng.integers(len(self.data.train)))]
         prompt, completion = corpus_examples([row])[0]
         if isinstance(prompt, list):  # chat rows: the conversation so far goes through the chat template
             prompt = {"prompt": prompt}
         return prompt, completion
+
+    def corpus_tokens(self, rng, tokenizer, chat_template=False):
+        """One pretraining example as (ids, mask): mask 1 on the tokens the loss covers.
+
+        A chat row with several assistant turns (a tool-use transcript: assistant, tool, assistant) is laid
+        out exactly as an episode's rollout is (`episodes.transcript_tokens`): every assistant turn trained,
+        the other roles' messages between them not. Other rows: the prompt, then the completion and EOS.
+        """
+        from mlx_rl.engine.episodes import transcript_tokens
+        from mlx_rl.engine.sampling import encode_prompts
+
+        row = self.data.train[int(rng.integers(len(self.data.train)))]
+        messages = row.get("messages")
+        if messages is not None and sum(m["role"] == "assistant" for m in messages) > 1:
+            return transcript_tokens(tokenizer, messages)
+        prompt, completion = self.corpus_example_of(row)
+        ids = encode_prompts(tokenizer, [prompt], chat_template)[0]
+        answer = list(tokenizer.encode(completion, add_special_tokens=False)) + [tokenizer.eos_token_id]
+        return ids + answer, [0] * len(ids) + [1] * len(answer)
 
     def heldout_rows(self, n, seed):
         if self.rewards is None:

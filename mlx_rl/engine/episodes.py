@@ -156,20 +156,29 @@ class ObservationFormat:
                              "continuation of the conversation, so observations can't be appended turn by turn")
         self.close = a[a.rindex("ANSWER") + len("ANSWER"):]  # e.g. "<|im_end|>\n"
         self.head, self.tail = b[len(a):].split("OBSERVATION", 1)
-        self.eos_texts = {tokenizer.decode([t]) for t in tokenizer.eos_token_ids} | {
-            str(tokenizer.convert_ids_to_tokens(t)) for t in tokenizer.eos_token_ids}
 
-    def text(self, observation, turn_end):
+    def token_text(self, token):
+        return str(self.tokenizer.convert_ids_to_tokens(int(token)))
+
+    def end_of_turn(self):
+        """The EOS id the template closes an assistant message with (the first of `close`), else the tokenizer's."""
+        if self.chat:
+            for t in sorted(self.tokenizer.eos_token_ids):
+                if self.close.startswith(self.token_text(t)):
+                    return t
+        return self.tokenizer.eos_token_id
+
+    def text(self, observation, last_token=None):
+        """The observation's text after a turn whose last token is `last_token` (the EOS the model wrote, if any)."""
         if not self.chat:
             return observation
         close = self.close
-        if turn_end == "eos":  # the model wrote the end-of-message token itself
-            eos = next((e for e in self.eos_texts if e and close.startswith(e)), None)
-            close = close[len(eos):] if eos else close
+        if last_token is not None and close.startswith(self.token_text(last_token)):
+            close = close[len(self.token_text(last_token)):]  # the model wrote the end-of-message token itself
         return close + self.head + observation + self.tail
 
-    def ids(self, observation, turn_end):
-        return list(self.tokenizer.encode(self.text(observation, turn_end), add_special_tokens=False))
+    def ids(self, observation, last_token=None):
+        return list(self.tokenizer.encode(self.text(observation, last_token), add_special_tokens=False))
 
 
 def episode_prompts(rows, first_obs, tokenizer, chat_template):
@@ -189,6 +198,29 @@ def episode_prompts(rows, first_obs, tokenizer, chat_template):
                 prompt[last]["content"] = prompt[last]["content"] + "\n\n" + obs
         with_obs.append({**row, "prompt": prompt})
     return encode_prompts(tokenizer, with_obs, chat_template=True)
+
+
+def transcript_tokens(tokenizer, messages):
+    """A chat transcript with tool (or user) messages between the assistant's, laid out as `play` lays out an
+    episode: (ids, mask). The prompt is every message before the first assistant one (chat template, with the
+    generation prompt); each assistant message is a model turn (its content, then EOS: mask 1); each other
+    message after it an observation in its role (`ObservationFormat`: mask 0). A model fine-tuned on these
+    sees in training exactly the token layout it will act in.
+    """
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    ids = encode_prompts(tokenizer, [{"prompt": [dict(m) for m in messages[:first]]}], chat_template=True)[0]
+    mask = [0] * len(ids)
+    formats = {}
+    eos = ObservationFormat(tokenizer, True).end_of_turn()  # the token the template ends a message with
+    for m in messages[first:]:
+        if m["role"] == "assistant":
+            turn = list(tokenizer.encode(m["content"], add_special_tokens=False)) + [eos]
+            ids, mask = ids + turn, mask + [1] * len(turn)
+        else:
+            fmt = formats.setdefault(m["role"], ObservationFormat(tokenizer, True, m["role"]))
+            obs = fmt.ids(m["content"], eos)
+            ids, mask = ids + obs, mask + [0] * len(obs)
+    return ids, mask
 
 
 # --- the cache: columns each row really wrote, positions of the row's own transcript ---------------
@@ -459,8 +491,8 @@ def play(model, tokenizer, rows, spec, temperature=1.0, top_p=1.0, chat_template
                 turn_reward_at.append((b, int(last_col[b]), reward))
             if finished:
                 done[b] = True
-            elif obs:
-                obs_ids[b] = fmt(envs[b]).ids(obs, ended[b])
+            elif obs and turn < spec.max_turns:  # (after the last turn an observation would go unread)
+                obs_ids[b] = fmt(envs[b]).ids(obs, turn_buf[b, turn_len[b] - 1] if ended[b] == "eos" else None)
                 segments[b].append({"role": "env", "text": obs})
         if done.all() or turn == spec.max_turns:
             break

@@ -30,6 +30,9 @@ class EvalConfig(TaskConfig):
     json: bool = option(False, "print one JSON object instead of text")
 
 
+EPISODE_COUNTERS = ("tool_calls", "tool_errors", "invalid_moves")  # environments' counters worth a line
+
+
 def warn_task_mismatch(model, task_name, data):
     """A checkpoint evaluated on another task's prompts scores 0%: say so rather than let it pass silently."""
     run_config = Path(model).parent / "config.json"
@@ -73,9 +76,12 @@ def run_eval(cfg):
                               ensure_ascii=False))
         return metrics
     headline = (f"accuracy {metrics['eval/accuracy']:.1%}, " if "eval/accuracy" in metrics else "")
-    click.echo(f"{task.name} on {len(rows)} held-out prompts: {headline}mean reward {metrics['eval/reward']:.3f}"
+    what = "greedy episodes" if getattr(task, "env", None) else "held-out prompts"
+    click.echo(f"{task.name} on {len(rows)} {what}: {headline}mean reward {metrics['eval/reward']:.3f}"
                f"  ({task.rewards.describe()})")
     for k, v in metrics.items():
+        if k == "eval/turns" or (getattr(task, "env", None) and k.startswith("eval/") and k[5:] in EPISODE_COUNTERS):
+            click.echo(f"  {k[len('eval/'):]}: {v:.2f} per episode")
         if k.startswith("eval/accuracy_") or (k.startswith("eval/reward_") and len(task.rewards.names) > 1):
             click.echo(f"  {k[len('eval/'):]}: {v:.1%}" if "accuracy" in k else f"  {k[len('eval/'):]}: {v:.3f}")
         if k.startswith("pass@"):
@@ -94,7 +100,12 @@ cli_eval = command("eval", EvalConfig, run_eval,
 @click.command("tasks")
 def cli_tasks():
     """List the built-in tasks, and say how to bring your own."""
+    from mlx_rl.data.envs import ENV_TASKS
+
     for name, cls in BUILTIN.items():
+        click.echo(f"{name:10s} {cls.description}")
+    click.echo("\nWith an environment (the model acts over several turns; the environment answers and rewards):")
+    for name, cls in ENV_TASKS.items():
         click.echo(f"{name:10s} {cls.description}")
     click.echo(
         "\nYour own task: a JSONL file (or a folder with train.jsonl and valid.jsonl) of rows with a 'prompt' and\n"
@@ -106,4 +117,12 @@ def cli_tasks():
         "A pretraining corpus is a JSONL of {\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"} rows:\n"
         "  mlx-rl pretrain --data my_task/corpus.jsonl --reward exact\n"
         "\n"
-        "A complete example to copy: examples/ (see docs/your-own.md).")
+        "A complete example to copy: examples/ (see docs/your-own.md).\n"
+        "\n"
+        "Your own environment: a Python file with a function make(row) -> env, where env.reset() -> str is the\n"
+        "first observation and env.step(text) -> (observation: str | None, reward: float, done: bool) answers the\n"
+        "model's turn; optional env.stop (strings that end a turn, e.g. ['</calc>']), env.role, env.solved, env.info:\n"
+        "\n"
+        "  mlx-rl grpo --model M --env my_env.py:make --data my_task/   # --data rows are passed to make(row)\n"
+        "\n"
+        "A complete one to copy: examples/calculator/ (see docs/agents.md).")
