@@ -160,13 +160,15 @@ def test_episodes_do_not_depend_on_the_batch_they_are_in(micro_model):
 
     model, tokenizer, _ = micro_model
     rows = [{"prompt": p, "answer": "1"} for p in ["12+34=", "5+6=", "99+1="]]
-    mx.random.seed(7)
-    keys = row_keys(3)
-    spec = echo_spec()
-    whole = play(model, tokenizer, rows, spec, 1.0, keys=keys)
-    alone = play(model, tokenizer, rows[1:2], spec, 1.0, keys=keys[1:2])
-    assert whole.texts[1] == alone.texts[0]
-    assert whole.episodes.rewards[1] == alone.episodes.rewards[0]
+    spec = EnvSpec(ScriptedEnv, "scripted", max_turns=4, max_turn_tokens=6)
+    for seed in range(6):  # rows whose turns end at different moments: one waits while another goes on
+        mx.random.seed(seed)
+        keys = row_keys(4)
+        rows = [{"prompt": p} for p in ["12+34=", "5+6=", "99+1=", "7"]]
+        whole = play(model, tokenizer, rows, spec, 1.0, keys=keys)
+        for b in range(4):
+            alone = play(model, tokenizer, rows[b : b + 1], spec, 1.0, keys=keys[b : b + 1])
+            assert whole.texts[b] == alone.texts[0], (seed, b)
 
 
 # --- only the model's tokens are trained ----------------------------------------------------------------
@@ -294,10 +296,8 @@ def run_cli(args, expect=0):
 
 
 @pytest.fixture(scope="module")
-def prompt_rows(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(10, 40)))
-    return path
+def prompt_rows():
+    return HERE / "envs" / "echo_data"  # train.jsonl and valid.jsonl of {"prompt": "12+12=", "answer": "24"}
 
 
 SMALL = ["--steps", "2", "--eval-every", "0", "--eval-prompts", "6", "--pass-k", ""]

@@ -28,9 +28,13 @@ CHAPTERS = {
              "--pass-k-prompts", "8"],
     "ppo": ["ppo", "--rollout-batch", "16", "--minibatch-size", "8", "--value-warmup", "1"],
     "dpo": ["dpo", "--rounds", "2", "--pair-prompts", "16", "--batch-size", "4"],
+    # episodes with a user's environment (tests/envs/echo_env.py): each rank plays its share of the groups
+    "grpo-env": ["grpo", "--env", str(Path(__file__).parent / "envs" / "echo_env.py") + ":make", "--data",
+                 str(Path(__file__).parent / "envs" / "echo_data"), "--prompts-per-step", "4", "--group-size", "4",
+                 "--pass-k", ""],
 }
 # Continuous figures that must agree; discrete ones (clip fractions, counts) may differ where a value sits on the edge.
-COMPARED = ("loss/", "reward/", "eval/", "kl/k3", "dpo/margin", "value/explained_variance", "optim/grad_norm")
+COMPARED = ("loss/", "reward/", "eval/", "kl/k3", "dpo/margin", "value/explained_variance", "optim/grad_norm", "env/")
 
 pytestmark = pytest.mark.skipif(not Path(LAUNCH).exists(), reason="mlx.launch is not installed")
 

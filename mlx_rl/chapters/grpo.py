@@ -175,7 +175,7 @@ def grpo_step(session, cfg, variant, update, max_new_tokens):
         rewards = scores.total.reshape(-1, G)  # (P, G) this rank's groups
         rewards = rewards + variant.overlong_penalty(np.asarray(rollout.lengths), max_new_tokens).reshape(-1, G)
         advantages, zero_signal = variant.advantages(rewards)
-        N = completion_width(rollout, max_new_tokens)
+        N = int(world.gather(np.array([completion_width(rollout, max_new_tokens)])).max())  # every rank: the same shapes
         tokens, mask, sampler_logprobs = completion_batch(  # (B, T), (B, T-1) x 2 with T fixed by N
             rollout.prompt_ids, pad_columns(rollout.completion_ids, N, pad_id), pad_columns(rollout.mask, N), pad_id,
             values=pad_columns(rollout.logprobs, N), present=pad_columns(rollout.present, N))

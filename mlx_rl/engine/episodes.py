@@ -449,7 +449,9 @@ def play(model, tokenizer, rows, spec, temperature=1.0, top_p=1.0, chat_template
             if temperature > 0:
                 split = _split_keys(keys)  # (B, 2, 2)
                 token = _categorical(split[:, 0], logprobs).astype(mx.int32)  # (B,)
-                keys = split[:, 1]
+                # a row's key moves on only when it writes a token: its draws never depend on how long the
+                # other rows' turns take (what keeps an episode the same in any batch, on any rank)
+                keys = mx.where(mx.array(in_turn)[:, None], split[:, 1], keys)
             else:
                 token = mx.argmax(logprobs, axis=-1).astype(mx.int32)
             token_lp = mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]  # (B,)
