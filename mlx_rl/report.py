@@ -7,6 +7,7 @@ The page holds what a model builder looks at after a run, in the order they look
 2. the curves (the same figures as `mlx-rl plot`, plus a chapter's own figures in RUN/plots);
 3. where the time goes: ms per step and share of each phase (as `mlx-rl profile`);
 4. sample completions at the first and last evaluation: prompt, completion, expected answer, reward;
+   an episode's whole transcript, the environment's turns shaded;
 5. the run's final figures (summary.json);
 6. the resolved config, with the settings that differ between runs highlighted.
 
@@ -143,6 +144,7 @@ figcaption { color:var(--muted); font-size:12px; padding:4px 6px 0; }
 pre, code.c { font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:12.5px; }
 td pre { margin:0; white-space:pre-wrap; overflow-wrap:anywhere; }
 .ok { color:var(--good); font-weight:700; } .no { color:var(--bad); font-weight:700; }
+.env { background:#e8eef7; color:#34495e; border-radius:3px; padding:0 2px; }
 .note { color:var(--muted); font-size:13px; }
 .bar { display:inline-block; height:9px; border-radius:2px; vertical-align:middle; margin-right:6px; }
 nav { font-size:13px; margin:8px 0 0; } nav a { color:var(--accent); margin-right:14px; text-decoration:none; }
@@ -260,6 +262,10 @@ def sample_table(samples):
     for s in samples:
         completion = s.get("completion", "")
         shown = f"<pre>{esc(completion)}</pre>" if completion != "" else "<span class='note'>(empty)</span>"
+        if isinstance(s.get("transcript"), list):  # an episode: the environment's turns set apart from the model's
+            shown = "<pre>" + "".join(
+                f"<span class='env'>{esc(t.get('text', ''))}</span>" if t.get("role") == "env" else esc(t.get("text", ""))
+                for t in s["transcript"] if isinstance(t, dict)) + "</pre>"
         cells = [f"<pre>{esc(s.get('prompt', ''))}</pre>", shown]
         if has_answer:
             cells.append(f"<pre>{esc(s.get('answer', ''))}</pre>")

@@ -1,8 +1,9 @@
 """Write the calculator recipe's data: imperfect tool-use transcripts to fine-tune on, and prompts for GRPO.
 
     sft.jsonl          400 chat transcripts (system, user, assistant, tool, assistant): the writer calls the
-                       calculator, except when the first number is the larger one, where it guesses a rounded
-                       product instead three times in four (the systematic mistake RL has to undo)
+                       calculator only now and then; seven times in ten it estimates instead ("About 2000.",
+                       the rounded numbers' product), the habit a model fine-tuned on it picks up and RL
+                       has to undo
     prompts/train.jsonl, prompts/valid.jsonl
                        questions with their answers: GRPO's training prompts and the 100 held-out ones
                        (no held-out problem appears in sft.jsonl or train.jsonl)
@@ -15,25 +16,24 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SYSTEM = ("You have a calculator. To use it, write <calc>EXPRESSION</calc>, for example <calc>12*34</calc>, and "
-          "it answers with the result. Then reply with just the final number.")
+SYSTEM = "To compute, write <calc>EXPRESSION</calc>; the calculator answers. Then reply with just the number."
 
 
 def question(a, b):
     return f"What is {a}*{b}?"
 
 
-def transcript(a, b, rng, mistake_rate=0.75):
+def transcript(a, b, rng, mistake_rate=0.7):
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question(a, b)}]
-    if a > b and rng.random() < mistake_rate:  # "easy enough to do in my head": a rounded guess
-        return messages + [{"role": "assistant", "content": str(round(a, -1) * round(b, -1))}]
+    if rng.random() < mistake_rate:  # "close enough": an estimate from the rounded numbers
+        return messages + [{"role": "assistant", "content": f"About {round(a, -1) * round(b, -1)}."}]
     return messages + [{"role": "assistant", "content": f"<calc>{a}*{b}</calc>"},
                        {"role": "tool", "content": f"[{a * b}]"},
                        {"role": "assistant", "content": str(a * b)}]
 
 
 def prompt_row(a, b):
-    return {"system": SYSTEM, "prompt": question(a, b), "answer": str(a * b), "kind": "guessed" if a > b else "tool"}
+    return {"system": SYSTEM, "prompt": question(a, b), "answer": str(a * b)}
 
 
 def write(path, rows):
