@@ -145,7 +145,9 @@ class IceMazeTask(EnvTask):
         from mlx_rl.chapters.icemaze import IceMaze, load_map
 
         rows = load_map(board, seed)
-        self.maze = IceMaze(rows, slippery, max_steps=max_turns or 2 * (len(rows) + len(rows[0]) - 2))
+        # solid ice: twice the board's span is room enough; slippery ice: FrozenLake's own limit of 100 moves
+        default_turns = 100 if slippery else 2 * (len(rows) + len(rows[0]) - 2)
+        self.maze = IceMaze(rows, slippery, max_steps=max_turns or default_turns)
         self.board = "/".join(rows)
         self.mistake_rate = mistake_rate
         self.starts = [s for s in range(self.maze.n_states) if not self.maze.terminal[s]]

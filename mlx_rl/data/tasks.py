@@ -55,7 +55,7 @@ class TaskConfig:
     env: typing.Optional[str] = option(None, "your own environment: path/to/file.py:make, make(row) -> env with "
                                        "reset() and step(text) (see docs/agents.md); --data rows go to make")
     max_turns: int = option(0, "episodes: model turns per episode at most (0: the environment's own; icemaze "
-                            "2 x (rows + columns - 2), calculator 3, --env 8)", min=0)
+                            "2 x (rows + columns - 2), 100 on slippery ice, calculator 3, --env 8)", min=0)
     max_turn_tokens: int = option(0, "episodes: tokens per model turn at most (0: the environment's own; icemaze 4, "
                                   "calculator 24, --env 64)", min=0)
     map: str = option("4x4", "icemaze: the board (4x4, 8x8, random:N, a map file, or rows like SFFF/FHFH/FFFH/HFFG)")
