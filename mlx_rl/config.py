@@ -225,6 +225,24 @@ def fmt(value):
     return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
 
 
+def task_defaults(command_name, task_name):
+    """Settings a built-in task brings to a chapter (`CHAPTER_DEFAULTS` on the task's class: its corpus plateaus
+    after 300 steps, say, where addition needs 3000); a flag or a config file still wins."""
+    if not task_name:
+        return {}
+    from mlx_rl.data.envs import TASK_CHAPTER_DEFAULTS  # (lazy: config is imported by everything)
+
+    return dict(TASK_CHAPTER_DEFAULTS.get(task_name, {}).get(command_name, {}))
+
+
+def task_defaults_help(command_name, field_name):
+    from mlx_rl.data.envs import TASK_CHAPTER_DEFAULTS
+
+    own = [f"{task} {fmt(d[command_name][field_name])}" for task, d in TASK_CHAPTER_DEFAULTS.items()
+           if field_name in d.get(command_name, {})]
+    return f" [--task {', '.join(own)}]" if own else ""
+
+
 def command(name, cls, run, help):
     """A click command with one option per field of `cls`; it calls `run(cfg)`."""
     from click.core import ParameterSource
@@ -236,6 +254,8 @@ def command(name, cls, run, help):
         file_values = {}
         if config_file:
             file_values.update(read_config_file(config_file))
+        task = given.get("task", file_values.get("task"))
+        file_values = {**task_defaults(name, task), **file_values}  # a task's own defaults, under everything given
         if kwargs.get("resume"):
             saved = read_run_config(kwargs["resume"], name)
             checked = {k: check_value(cls, k, v, "on the command line")[1] for k, v in given.items()}
@@ -249,7 +269,7 @@ def command(name, cls, run, help):
     for f in dataclasses.fields(cls):
         t = field_type(cls, f)
         flags = ["--" + n.replace("_", "-") for n in (f.name, *f.metadata.get("aliases", ()))]
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "") + task_defaults_help(name, f.name)
         if f.metadata.get("aliases"):
             help_text += f" ({', '.join(flags[1:])}: older name)"
         if t is bool:

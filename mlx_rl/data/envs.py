@@ -445,6 +445,17 @@ def scripted_episode(tokenizer, row, spec, behaviour, chat_template=False, seed=
 
 ENV_TASKS = {"icemaze": IceMazeTask, "calculator": CalculatorTask}
 
+# What a built-in environment task brings to a chapter's defaults (a flag or a config file still wins): its
+# corpus plateaus well before addition's 3000 steps, and a few GRPO steps reach what RL can reach.
+TASK_CHAPTER_DEFAULTS = {
+    "icemaze": {"pretrain": {"steps": 300, "eval_every": 50},
+                "grpo": {"steps": 20, "prompts_per_step": 16, "eval_every": 5},
+                "ppo": {"steps": 10, "rollout_batch": 128, "eval_every": 2}},
+    "calculator": {"pretrain": {"steps": 1500, "eval_every": 250},
+                   "grpo": {"steps": 30, "prompts_per_step": 16, "eval_every": 5},
+                   "ppo": {"steps": 20, "rollout_batch": 128, "eval_every": 5}},
+}
+
 
 def make_env_task(cfg, mistake_rate=0.75):
     """The environment task a config asks for: --env FILE.py:make (with --data rows), or a built-in one."""
