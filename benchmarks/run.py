@@ -423,7 +423,7 @@ def plot_family(run_dirs, labels, path, title):
 
 def pass_at_k_of(ckpt, task, json_path, ks=PASS_K):
     """pass@k of a checkpoint on the task's held-out prompts (`mlx-rl eval --pass-k ... --json`), or None."""
-    p = subprocess.run(MLXRL + ["eval", "--model", str(ckpt), "--task", task, "--pass-k", ks, "--samples", "0", "--json"],
+    p = subprocess.run(MLXRL + ["eval", "--model", str(ckpt), "--task", task, "--pass-k", ks, "--show-samples", "0", "--json"],
                        capture_output=True, text=True, cwd=ROOT)
     if p.returncode != 0:
         return None

@@ -46,7 +46,7 @@ def option(default, help, *, aliases=(), resumable=False, **checks):
 class RunConfig:
     """Fields every training command shares."""
 
-    out: typing.Optional[str] = option(None, "run directory (default: runs/<command>-<date>-<time>)")
+    out: typing.Optional[str] = option(None, "where to write: the run directory (default: runs/<command>-<date>-<time>)")
     seed: int = option(0, "random seed for data, sampling and initialisation")
     steps: int = option(100, "number of training steps", min=1, resumable=True)
     resume: typing.Optional[str] = option(None, "continue a run directory from its last checkpoint (a finished run: "
@@ -55,6 +55,8 @@ class RunConfig:
 
 # Fields that say where a run lives, not what it does: not read from --config files.
 RUN_ONLY_FIELDS = ("out", "resume", "command", "runtime", "world")
+# ... of which a run's own config.json records these (so `-c RUN/config.json` repeats a run in a new directory)
+RUN_RECORD_FIELDS = ("command", "runtime", "world")
 
 
 def field_type(cls, f):
@@ -162,6 +164,54 @@ def read_config_file(path):
     return data
 
 
+def check_file_keys(data, path, command_name):
+    """Refuse, in one line, a key of a config file that would otherwise be dropped without a word.
+
+    `out:` and `resume:` say where a run lives: they are given on the command line, never read from a file.
+    A run's own config.json (it has `command:`) records them; there they describe the old run and are left out,
+    so `-c RUN/config.json` repeats that run in a new directory. A run of another command is refused.
+    """
+    saved = data.get("command")
+    if saved is not None and saved != command_name:
+        raise MlxRlError(f"config file {path} is a `{saved}` run's settings: use it with `mlx-rl {saved} -c {path}`")
+    if saved is None:
+        for key in data:
+            name = str(key).replace("-", "_")
+            if name in ("out", "resume") and data[key] is not None:
+                raise MlxRlError(f"config file {path}: '{key}' is not read from a file: give --{name} on the command line")
+            if name in RUN_RECORD_FIELDS:
+                raise MlxRlError(f"config file {path}: '{key}' is recorded in a run's config.json, not a setting")
+
+
+def alias_notes(cls, names, where):
+    """One line per older name used (an alias): what it is called now. The old spelling keeps working."""
+    fields, seen = fields_by_name(cls), set()
+    for name in names:
+        key = str(name).lstrip("-").replace("-", "_")
+        if key not in fields and key.startswith("no_"):
+            key = key[3:]  # --no-OLD of a bool
+        f = fields.get(key)
+        if f is None or key == f.name or key in seen:
+            continue
+        seen.add(key)
+        old, new = (f"--{key}", f"--{f.name}") if where == "flag" else (f"config key '{key}'", f"'{f.name}'")
+        click.echo(f"note: {old.replace('_', '-') if where == 'flag' else old} is now "
+                   f"{new.replace('_', '-') if where == 'flag' else new} ({f.metadata.get('help', '')})", err=True)
+
+
+class SettingsCommand(click.Command):
+    """A click command that says, in one line, what an older option name (an alias) became."""
+
+    def __init__(self, *args, settings_cls=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.settings_cls = settings_cls
+
+    def parse_args(self, ctx, args):
+        flags = [a.split("=", 1)[0] for a in args if a.startswith("--")]
+        alias_notes(self.settings_cls, flags, "flag")
+        return super().parse_args(ctx, args)
+
+
 def build(cls, file_values=None, overrides=None, where_file="in the config file"):
     """Defaults < file values < overrides, each value checked. Returns a `cls`."""
     values = {}
@@ -253,7 +303,10 @@ def command(name, cls, run, help):
         given = {k: v for k, v in kwargs.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
         file_values = {}
         if config_file:
-            file_values.update(read_config_file(config_file))
+            data = read_config_file(config_file)
+            check_file_keys(data, config_file, name)
+            alias_notes(cls, [k for k in data if str(k).replace("-", "_") not in RUN_ONLY_FIELDS], "key")
+            file_values.update(data)
         task = given.get("task", file_values.get("task"))
         file_values = {**task_defaults(name, task), **file_values}  # a task's own defaults, under everything given
         if kwargs.get("resume"):
@@ -289,4 +342,4 @@ def command(name, cls, run, help):
             click_type = click.Choice([str(c) for c in f.metadata["choices"]])
         params.append(click.Option(flags + [f.name], type=click_type, default=f.default, show_default=f.default is not None,
                                    help=help_text))
-    return click.Command(name, callback=callback, params=params, help=help)
+    return SettingsCommand(name, callback=callback, params=params, help=help, settings_cls=cls)

@@ -902,7 +902,7 @@ def plot_run(run_path):
 @click.command("plot")
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", type=click.Path(), default=None,
-              help="folder for the PNGs (default: RUN/plots for one run; for several, a folder beside the "
+              help="where to write: the folder for the PNGs (default: RUN/plots for one run; for several, a folder beside the "
                    "first run named compare-RUN1-vs-RUN2)")
 @click.option("--x", "x", type=click.Choice(X_CHOICES), default="auto", show_default=True,
               help="x axis: step, wall_s (seconds), or samples (completions or pairs seen, from the config); "

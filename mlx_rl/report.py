@@ -392,7 +392,7 @@ def default_out(run_paths):
 @click.command("report")
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="HTML file to write (default: RUN/report.html; for several runs, report.html in the "
+              help="where to write: the HTML file (default: RUN/report.html; for several runs, report.html in the "
                    "compare-RUN1-vs-RUN2 folder beside the first run)")
 @click.option("--x", "x", type=click.Choice(plots.X_CHOICES), default="auto", show_default=True,
               help="x axis of the curves: step, wall_s (seconds), or samples (completions or pairs seen); "

@@ -317,7 +317,7 @@ def test_a_users_environment_runs_end_to_end(tmp_path, micro_checkpoint, prompt_
     sample = read_jsonl(out / "samples.jsonl")[0]
     assert sample["transcript"][0] == {"role": "env", "text": "go:"} and "\u27e6go:\u27e7" in sample["completion"]
     text = run_cli(["eval", "--model", str(out / "checkpoint"), "--env", ECHO, "--data", str(prompt_rows),
-                    "--prompts", "3", "--json"])
+                    "--eval-prompts", "3", "--json"])
     result = json.loads(text.strip().splitlines()[-1])
     assert result["prompts"] == 3 and "eval/accuracy" in result and result["samples"][0]["transcript"]
 

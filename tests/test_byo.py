@@ -265,7 +265,7 @@ def test_saved_adapters_load_in_mlx_lm_and_fuse(tmp_path, ckpt):
     assert mx.array_equal(a, b).item()
     assert mx.allclose(a, c, atol=1e-5).item()
     # `mlx-rl eval --adapter-path` reads the same adapters
-    main(["eval", "--model", str(base), "--adapter-path", str(out / "checkpoint" / "adapters"), "--prompts", "2"])
+    main(["eval", "--model", str(base), "--adapter-path", str(out / "checkpoint" / "adapters"), "--eval-prompts", "2"])
 
 
 def test_lora_resume_continues_the_adapters(tmp_path, ckpt):
@@ -313,7 +313,7 @@ def test_hub_name_offline_is_one_line_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    expect_error(capsys, ["eval", "--model", "no-such-org/no-such-model-xyz", "--prompts", "2"], "no-such-org/no-such-model-xyz")
+    expect_error(capsys, ["eval", "--model", "no-such-org/no-such-model-xyz", "--eval-prompts", "2"], "no-such-org/no-such-model-xyz")
     expect_error(capsys, ["pretrain", "--model", "no-such-org/no-such-model-xyz", "--out", str(tmp_path / "r")],
                  "no-such-org/no-such-model-xyz")
 

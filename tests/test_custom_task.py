@@ -175,7 +175,7 @@ def test_a_bad_pair_file_stops_before_the_run_is_written(task, pretrained, tmp_p
 def test_eval_json_on_the_custom_task(task, pretrained, capsys):
     capsys.readouterr()
     main(["eval", "--model", str(pretrained / "checkpoint"), "--data", str(task / "prompts"), *reward_args(task),
-          "--max-new-tokens", "8", "--samples", "2", "--json"])
+          "--max-new-tokens", "8", "--show-samples", "2", "--json"])
     captured = capsys.readouterr()
     report = json.loads(captured.out.strip().splitlines()[-1])
     assert "note:" not in captured.err  # a model pretrained on a corpus is meant to be evaluated on prompt files

@@ -260,7 +260,7 @@ def test_mlx_lm_generate_matches_mlx_rl_eval(trained_micro):
 
 def test_eval_command_json(trained_micro):
     _, ckpt = trained_micro
-    code, out, err = run_cli("eval", "--model", str(ckpt), "--prompts", "20", "--json")
+    code, out, err = run_cli("eval", "--model", str(ckpt), "--eval-prompts", "20", "--json")
     assert code == 0, err
     data = json.loads(out)
     assert data["prompts"] == 20 and 0.0 <= data["eval/accuracy"] <= 1.0 and data["samples"]

@@ -429,7 +429,7 @@ def test_ppo_and_eval_report_pass_at_k(tmp_path, trained_micro, no_plots, capsys
     for when in ("start", "end"):
         assert set(details[when]) == {"pass@1", "pass@4"} and 0 <= details[when]["pass@1"] <= details[when]["pass@4"] <= 1
     capsys.readouterr()
-    main(["eval", "--model", str(ckpt), "--prompts", "6", "--samples", "0", "--pass-k", "1,2,4", "--json"])
+    main(["eval", "--model", str(ckpt), "--eval-prompts", "6", "--show-samples", "0", "--pass-k", "1,2,4", "--json"])
     figures = json.loads(capsys.readouterr().out)
     assert 0 <= figures["pass@1"] <= figures["pass@2"] <= figures["pass@4"] <= 1
 

@@ -107,7 +107,7 @@ def test_cli_smoke_run(tmp_path, micro_checkpoint):
     from mlx_rl.cli import main
 
     out = tmp_path / "kl"
-    main(["kl", "--model", str(micro_checkpoint), "--prompts", "16", "--max-new-tokens", "4", "--max-samples", "64",
+    main(["kl", "--model", str(micro_checkpoint), "--sample-prompts", "16", "--max-new-tokens", "4", "--max-samples", "64",
           "--trials", "50", "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["chapter"] == "kl" and summary["final"]["kl/k3"] >= 0

@@ -18,5 +18,5 @@ scripts/get_smollm2.sh
 "$PYTHON" examples/calculator/make_data.py
 "$MLX_RL" pretrain -c examples/calculator/sft.yaml --out "$PREFIX-sft"
 "$MLX_RL" eval --model "$PREFIX-sft/checkpoint" --env examples/calculator/env.py:make --data examples/calculator/prompts \
-    --chat-template --prompts 100 --samples 4
+    --chat-template --eval-prompts 100 --show-samples 4
 "$MLX_RL" grpo -c examples/calculator/grpo.yaml --model "$PREFIX-sft/checkpoint" --out "$PREFIX-grpo"

@@ -22,6 +22,6 @@ scripts/get_smollm2.sh
 "$MLX_RL" grpo -c "$RECIPE" --out "$OUT"
 
 EVAL=(--data examples/smollm2/larger --reward lenient_numeric --reward 'format:^\s*\d+\s*\.?\s*$'
-      --reward-weights 1,0.1 --chat-template --prompts 100 --max-new-tokens 64 --samples 8)
+      --reward-weights 1,0.1 --chat-template --eval-prompts 100 --max-new-tokens 64 --show-samples 8)
 "$MLX_RL" eval --model models/SmolLM2-135M-Instruct "${EVAL[@]}"
 "$MLX_RL" eval --model models/SmolLM2-135M-Instruct --adapter-path "$OUT/checkpoint/adapters" "${EVAL[@]}"

@@ -73,26 +73,28 @@ from mlx_rl.runs import atomic_write_json, read_json
 
 @dataclasses.dataclass
 class DPOConfig(LLMConfig):
-    steps: int = option(0, "stop after this many steps in all (0: no limit; rounds x epochs decide)", min=0, resumable=True)
-    pairs: typing.Optional[str] = option(None, "JSONL file of preference pairs in TRL's formats (default: build pairs "
+    steps: int = option(0, "number of training steps at most (0: no limit; rounds x epochs decide)", min=0, resumable=True)
+    pairs: typing.Optional[str] = option(None, "preference pairs in TRL's formats, a JSONL file (default: build pairs "
                                          "on-policy from the task and its reward)")
     rounds: int = option(6, "on-policy rounds: sample fresh pairs from the current policy, train on them (--pairs: one "
                          "round)", min=1, resumable=True)
-    epochs: int = option(1, "passes over each round's pairs", min=1)
-    beta: float = option(0.1, "temperature of the DPO loss: how far the policy may move from the reference", above=0.0)
+    epochs: int = option(1, "passes over each batch of collected data (a round's pairs)", min=1)
+    dpo_beta: float = option(0.1, "temperature of the DPO loss (its beta): how far the policy may move from the "
+                             "reference", above=0.0, aliases=("beta",))
     loss_type: str = option("sigmoid", "loss: sigmoid (DPO) or ipo", choices=["sigmoid", "ipo"])
     label_smoothing: float = option(0.0, "assumed share of flipped labels (conservative DPO; sigmoid loss only)", min=0.0,
                                     max=0.5)
     rpo_alpha: float = option(1.0, "weight of the chosen answers' per-token NLL added to the loss (0: plain DPO)", min=0.0)
-    batch_size: int = option(8, "preference pairs per step", min=1)
+    batch_size: int = option(8, "training examples per step (preference pairs)", min=1)
     lr: float = option(5e-5, "learning rate (AdamW)", above=0.0, resumable=True)
     warmup: int = option(10, "linear learning-rate warm-up steps", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
-    pair_prompts: int = option(256, "on-policy pairs: training prompts per round to sample answers for", min=1)
-    samples_per_prompt: int = option(8, "on-policy pairs: answers sampled per prompt", min=2)
-    pair_temperature: float = option(1.0, "on-policy pairs: sampling temperature", above=0.0)
-    eval_every: int = option(0, "also evaluate held-out greedy accuracy every N steps (0: before training and after "
-                             "each round)", min=0, resumable=True)
+    pair_prompts: int = option(256, "training prompts to build preference pairs from (on-policy: per round, "
+                                    "answers sampled from the policy)", min=1)
+    samples_per_prompt: int = option(8, "answers sampled per prompt, ranked by the reward into pairs (on-policy)", min=2)
+    pair_temperature: float = option(1.0, "sampling temperature of the answers made into pairs (on-policy)", above=0.0)
+    eval_every: int = option(0, "evaluate on held-out data every N steps: greedy accuracy (0: only before training and "
+                             "after each round, as always)", min=0, resumable=True)
 
     def validate(self):
         if self.label_smoothing > 0 and self.loss_type != "sigmoid":
@@ -239,7 +241,7 @@ def train(cfg):
     pad_id = tokenizer.pad_token_id or 0
     rounds = 1 if cfg.pairs else cfg.rounds
     optimizer = session.optimizer(cfg.lr, cfg.steps or 1000, cfg.warmup, cfg.weight_decay)
-    update = session.update_step(make_loss_fn(cfg.beta, cfg.loss_type, cfg.label_smoothing, cfg.rpo_alpha), optimizer)
+    update = session.update_step(make_loss_fn(cfg.dpo_beta, cfg.loss_type, cfg.label_smoothing, cfg.rpo_alpha), optimizer)
 
     # The round in progress: its index, the step it started at, its pairs and their batches (saved for --resume).
     state = {"round": 0, "round_start": 0, "per_round": None, "round_done_at": None, **session.chapter_state,
@@ -303,18 +305,20 @@ cli = command("dpo", DPOConfig, train, help=__doc__.split("\n\n")[0])
 
 @dataclasses.dataclass
 class PairsConfig:
-    out: str = option("pairs.jsonl", "JSONL file to write")
+    out: str = option("pairs.jsonl", "where to write: the JSONL file of pairs (an existing file is kept unless --force)")
     model: typing.Optional[str] = option(None, "checkpoint to sample from (default: the newest pretrain run for the task)")
-    task: str = option("addition", "task whose reward ranks the answers (see `mlx-rl tasks`)")
-    data: typing.Optional[str] = option(None, "your own prompts (JSONL) instead of a built-in task; needs --reward")
-    reward: typing.Tuple[str, ...] = option((), "reward(s) that rank the answers (default: the task's own)")
+    task: str = option("addition", "built-in task whose reward ranks the answers (see `mlx-rl tasks`)")
+    data: typing.Optional[str] = option(None, "your own data: a JSONL file of prompts, instead of a built-in task; needs --reward")
+    reward: typing.Tuple[str, ...] = option((), "reward: a built-in name or path/to/file.py:function that ranks the answers; repeat for several "
+                                            "(default: the task's own)")
     reward_weights: typing.Tuple[float, ...] = option((), "weights of the --reward functions, comma-separated")
     digits: int = option(2, "addition: operand digits", min=1, max=6)
     sort_length: int = option(5, "sort: list length", min=2, max=12)
     seed: int = option(0, "random seed for prompts and sampling")
-    pair_prompts: int = option(1024, "training prompts to sample answers for", min=1)
-    samples_per_prompt: int = option(8, "answers sampled per prompt", min=2)
-    pair_temperature: float = option(1.0, "sampling temperature", above=0.0)
+    pair_prompts: int = option(1024, "training prompts to build preference pairs from (answers sampled from --model)",
+                               min=1)
+    samples_per_prompt: int = option(8, "answers sampled per prompt, ranked by the reward into pairs", min=2)
+    pair_temperature: float = option(1.0, "sampling temperature of the answers made into pairs", above=0.0)
     chat_template: bool = option(False, "wrap prompts in the tokenizer's chat template")
 
 

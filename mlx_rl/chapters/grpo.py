@@ -58,18 +58,21 @@ from mlx_rl.engine.update import current_lr
 
 @dataclasses.dataclass
 class GRPOConfig(LLMConfig, family.PassAtKConfig, family.VariantConfig, LearnedRewardConfig):
-    steps: int = option(60, "number of GRPO steps (one rollout batch each)", min=1, resumable=True)
+    steps: int = option(60, "number of training steps (one rollout batch each)", min=1, resumable=True)
     group_size: int = option(8, "completions sampled per prompt (G)", min=2)
     prompts_per_step: int = option(32, "prompts per step (the batch is prompts_per_step x group_size)", min=1)
-    epochs: int = option(2, "update passes over each rollout batch (GRPO's mu)", min=1, aliases=("inner_iters",))
-    kl_coef: float = option(0.04, "weight of the k3 KL penalty to the frozen reference (0: no reference is computed)",
+    epochs: int = option(2, "passes over each batch of collected data (the rollout batch: GRPO's mu)", min=1, aliases=("inner_iters",))
+    kl_coef: float = option(0.04, "weight of the KL penalty to the reference (k3, in the loss; 0: no reference is computed)",
                             min=0.0, aliases=("beta",))
     lr: float = option(1e-4, "learning rate (AdamW); a fresh Adam above ~5e-4 can wreck the checkpoint", above=0.0,
                        resumable=True)
     warmup: int = option(0, "linear learning-rate warm-up steps", min=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
+    lr_schedule: str = option("constant", "learning rate after warm-up: constant, or cosine decay to lr/20",
+                              choices=["constant", "cosine"])
     temperature: float = option(1.0, "sampling temperature of the rollouts (and of the optimised distribution)", above=0.0)
     max_new_tokens: int = option(0, "longest completion (0: the task's answer length + EOS; 64 with --data)", min=0)
-    eval_every: int = option(10, "evaluate held-out greedy accuracy every N steps (0: only at the start and the end)",
+    eval_every: int = option(10, "evaluate on held-out data every N steps: greedy accuracy (0: only at the start and the end)",
                              min=0, resumable=True)
 
 
@@ -253,7 +256,8 @@ def train(cfg):
     if cfg.max_new_tokens and cfg.max_new_tokens < session.task.max_new_tokens and not cfg.data and env is None:
         print(f"note: --max-new-tokens {cfg.max_new_tokens} is shorter than the task's answer ({session.task.max_new_tokens})")
     attach_reward_model(session, cfg, N)  # --reward-model: train on the learned reward (reward_model.py)
-    optimizer = session.optimizer(cfg.lr, cfg.steps, cfg.warmup)
+    optimizer = session.optimizer(cfg.lr, cfg.steps, cfg.warmup, cfg.weight_decay, cfg.lr_schedule,
+                                  updates_per_step=cfg.epochs)
     update = session.update_step(make_loss_fn(cfg, variant), optimizer)
 
     def step(i):

@@ -61,7 +61,7 @@ class PassAtKConfig:
 class VariantConfig:
     variant: str = option("grpo", "the loss: grpo, dr_grpo, dapo, gspo, cispo or rloo (docs/grpo-family.md)",
                           choices=["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo"])
-    clip_eps: typing.Optional[float] = option(None, "lower clip: the ratio may fall to 1 - eps; in grpo, dr_grpo and "
+    clip_eps: typing.Optional[float] = option(None, "clip of the policy ratio, its lower side: the ratio may fall to 1 - eps; in grpo, dr_grpo and "
                                               "rloo it sets the upper clip too (default: the variant's; 0.2, GSPO "
                                               "3e-4, CISPO none)", above=0.0)
     clip_eps_high: typing.Optional[float] = option(None, "upper clip: the ratio may rise to 1 + eps_high (default: "

@@ -69,13 +69,19 @@ DEFAULT_EPISODES = {
 }
 
 
+def default_episodes_help():
+    """DEFAULT_EPISODES as --help shows it: 'q_learning 4x4 2000, 4x4 slippery 40000, ...'."""
+    parts = [f"{algo} {board}{' slippery' if slip else ''} {n}" for (algo, board, slip), n in DEFAULT_EPISODES.items()]
+    return ", ".join(parts)
+
+
 @dataclasses.dataclass
 class IceMazeConfig:
-    out: typing.Optional[str] = option(None, "run directory (default: runs/icemaze-<date>-<time>)")
+    out: typing.Optional[str] = option(None, "where to write: the run directory (default: runs/icemaze-<date>-<time>)")
     seed: int = option(0, "random seed for random maps, exploration, initialisation and evaluation")
     map: str = option(
         "4x4",
-        "board: 4x4 or 8x8 (FrozenLake's maps), random:N or random:RxC (a seeded, solvable map), "
+        "the board: 4x4 or 8x8 (FrozenLake's maps), random:N or random:RxC (a seeded, solvable map), "
         "a map file, or rows like SFFF/FHFH/FFFH/HFFG",
     )
     slippery: bool = option(False, "slippery ice: the intended move with probability 1/3, each perpendicular move 1/3")
@@ -83,14 +89,15 @@ class IceMazeConfig:
     hole_prob: float = option(0.2, "random maps: chance that a square is a hole", min=0.0, max=0.8)
     max_steps: typing.Optional[int] = option(None, "step limit per episode (default: 100 on 4x4 and smaller, else 200, as FrozenLake)", min=1)
     algo: str = option("q_learning", "algorithm", choices=ALGOS)
-    episodes: typing.Optional[int] = option(None, "training episodes (default: per algorithm and board, see DEFAULT_EPISODES)", min=1)
+    episodes: typing.Optional[int] = option(None, "training episodes (default, by algorithm and board: "
+                                            f"{default_episodes_help()}; a board of up to 16 squares as 4x4, a larger one as 8x8)", min=1)
     gamma: float = option(0.99, "discount factor: return = r_1 + gamma r_2 + gamma^2 r_3 + ...", above=0.0, max=1.0)
     alpha: float = option(0.1, "q_learning: step size of the TD update at the start", above=0.0, max=1.0)
     alpha_end: float = option(0.01, "q_learning: step size at the end (falls linearly over the run, which steadies Q)", above=0.0, max=1.0)
     epsilon_start: float = option(1.0, "q_learning: exploration rate of the behaviour policy at the start", min=0.0, max=1.0)
     epsilon_end: float = option(0.05, "q_learning: exploration rate after the decay", min=0.0, max=1.0)
     epsilon_decay: float = option(0.5, "q_learning: share of the episodes over which epsilon falls linearly", above=0.0, max=1.0)
-    lr: float = option(0.01, "reinforce: Adam learning rate", above=0.0)
+    lr: float = option(0.01, "reinforce: learning rate (Adam)", above=0.0)
     batch_episodes: int = option(100, "reinforce: episodes per policy update", min=1)
     hidden: int = option(64, "reinforce: hidden units of the policy network (0: a table of logits)", min=0)
     value_coef: float = option(0.5, "reinforce: weight of the baseline's squared error in the loss", min=0.0)

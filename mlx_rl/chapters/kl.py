@@ -116,15 +116,16 @@ ESTIMATOR_FNS = {"k1": k1, "k2": k2, "k3": k3}
 class KLConfig:
     """Settings of `mlx-rl kl`. Not a RunConfig: nothing is trained, so no steps or --resume."""
 
-    out: typing.Optional[str] = option(None, "run directory (default: runs/kl-<date>-<time>)")
+    out: typing.Optional[str] = option(None, "where to write: the run directory (default: runs/kl-<date>-<time>)")
     seed: int = option(0, "random seed for distributions, noise and sampling")
-    model: typing.Optional[str] = option(None, "reference checkpoint (default: a new random tiny model)")
+    model: typing.Optional[str] = option(None, "checkpoint of the reference (default: a new random tiny model)")
     model_b: typing.Optional[str] = option(None, "policy checkpoint (default: the reference with --noise added)")
     noise: float = option(0.1, "perturbation of the copy: weight += noise * std(weight) * N(0, 1)", min=0)
-    preset: str = option("tiny", "size of the new tiny model when --model is not given", choices=["micro", "tiny", "small"])
-    task: str = option("addition", "task whose prompts start the sampled completions")
-    prompts: int = option(256, "prompts sampled from the policy in the checkpoint experiment", min=1)
-    max_new_tokens: int = option(16, "tokens sampled per prompt", min=1)
+    preset: str = option("tiny", "size of a new model when --model is not given", choices=["micro", "tiny", "small"])
+    task: str = option("addition", "built-in task whose prompts start the sampled completions")
+    sample_prompts: int = option(256, "training prompts the policy samples one completion for (the checkpoint "
+                                 "experiment)", min=1, aliases=("prompts",))
+    max_new_tokens: int = option(16, "longest completion: tokens sampled per prompt", min=1)
     vocab: int = option(10, "number of categories in the categorical experiments", min=2)
     max_samples: int = option(4096, "largest number of samples per estimate", min=1)
     trials: int = option(1000, "independent estimates per sample size (for mean and spread)", min=2)
@@ -218,7 +219,7 @@ def checkpoint_experiment(cfg, reference, policy, tokenizer):
     from mlx_rl.engine.logprobs import completion_batch, reference_logprobs, token_logprobs
     from mlx_rl.engine.sampling import generate
 
-    prompts = get_task(cfg.task).train_rows(np.random.default_rng([cfg.seed, 0]), cfg.prompts, distinct=True)
+    prompts = get_task(cfg.task).train_rows(np.random.default_rng([cfg.seed, 0]), cfg.sample_prompts, distinct=True)
     mx.random.seed(cfg.seed)
     rollout = generate(policy, tokenizer, prompts, cfg.max_new_tokens, temperature=1.0)  # x ~ q = policy
     tokens, mask = completion_batch(rollout.prompt_ids, rollout.completion_ids, rollout.mask)

@@ -82,31 +82,32 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 @dataclasses.dataclass
 class PPOConfig(LLMConfig, PassAtKConfig, LearnedRewardConfig):
-    steps: int = option(30, "number of PPO steps (one rollout batch, then epochs of minibatch updates)", min=1,
+    steps: int = option(30, "number of training steps (one rollout batch, then epochs of minibatch updates)", min=1,
                         resumable=True)
     rollout_batch: int = option(256, "prompts per step, one sampled completion each", min=1)
     minibatch_size: int = option(64, "completions per gradient update", min=1)
-    epochs: int = option(2, "policy passes over the rollout batch per step", min=1)
-    clip_eps: float = option(0.2, "policy clip: the ratio pi/pi_old is clipped to [1 - eps, 1 + eps]", above=0.0)
+    epochs: int = option(2, "passes over each batch of collected data (the policy's, over the rollout batch)", min=1)
+    clip_eps: float = option(0.2, "clip of the policy ratio: pi/pi_old is clipped to [1 - eps, 1 + eps]", above=0.0)
     value_clip: float = option(0.2, "value clip: new values stay within this of the rollout's (0: no clipping)", min=0.0)
-    gamma: float = option(1.0, "discount per token", min=0.0, max=1.0)
+    gamma: float = option(1.0, "discount factor, per token", min=0.0, max=1.0)
     gae_lambda: float = option(0.95, "GAE lambda: 1 = Monte-Carlo return minus value, 0 = one-step TD error", min=0.0, max=1.0)
-    kl_coef: float = option(0.05, "weight of the per-token KL penalty to the reference in the reward (start value when "
+    kl_coef: float = option(0.05, "weight of the KL penalty to the reference (per token, in the reward; the start value when "
                             "adaptive)", min=0.0)
     kl_target: typing.Optional[float] = option(None, "adapt kl_coef so the KL per completion approaches this (default: "
                                                "fixed kl_coef)", above=0.0)
     kl_horizon: int = option(10000, "adaptive KL: completions over which kl_coef may change by at most 20%", min=1)
-    lr: float = option(1e-4, "policy learning rate (AdamW)", above=0.0, resumable=True)
+    lr: float = option(1e-4, "learning rate of the policy (AdamW)", above=0.0, resumable=True)
     value_lr: float = option(3e-3, "value head learning rate (AdamW)", above=0.0, resumable=True)
     value_epochs: int = option(8, "value head passes over the rollout batch per step (cheap: cached features)", min=1)
     value_warmup: int = option(2, "first steps train the value head only (the policy is left as it is)", min=0)
     whiten_advantages: bool = option(True, "normalise advantages to mean 0, std 1 over the rollout's tokens")
     temperature: float = option(1.0, "sampling temperature of the rollouts", above=0.0)
     max_new_tokens: int = option(0, "longest completion (0: the task's answer length + EOS; 64 with --data)", min=0)
-    warmup: int = option(0, "linear learning-rate warm-up of the policy, in updates", min=0)
-    lr_schedule: str = option("cosine", "policy learning rate after warm-up: constant, or cosine decay to lr/20 by the "
-                              "last update", choices=["constant", "cosine"])
-    eval_every: int = option(5, "evaluate held-out greedy accuracy every N steps (0: only at the start and the end)",
+    warmup: int = option(0, "linear learning-rate warm-up steps (the policy's, after --value-warmup)", min=0)
+    weight_decay: float = option(0.0, "AdamW weight decay (the policy's)", min=0.0)
+    lr_schedule: str = option("cosine", "learning rate after warm-up: constant, or cosine decay to lr/20 (the policy's, "
+                              "by the last step)", choices=["constant", "cosine"])
+    eval_every: int = option(5, "evaluate on held-out data every N steps: greedy accuracy (0: only at the start and the end)",
                              min=0, resumable=True)
 
     def validate(self):
@@ -419,9 +420,9 @@ def train(cfg):
         load_value_head(value_head, session.checkpoint)
     mx.eval(value_head.parameters())
     per_step = cfg.epochs * (cfg.rollout_batch // cfg.minibatch_size)
-    policy_opt = session.optimizer(cfg.lr, max(cfg.steps - cfg.value_warmup, 1) * per_step, cfg.warmup,
-                                   schedule=cfg.lr_schedule, name="policy")
-    value_opt = session.optimizer(cfg.value_lr, cfg.steps * per_step, name="value")
+    policy_opt = session.optimizer(cfg.lr, max(cfg.steps - cfg.value_warmup, 1), cfg.warmup, cfg.weight_decay,
+                                   cfg.lr_schedule, name="policy", updates_per_step=per_step)
+    value_opt = session.optimizer(cfg.value_lr, cfg.steps, name="value", updates_per_step=per_step)
     update_policy = session.update_step(make_policy_loss(cfg.clip_eps, cfg.temperature), policy_opt)
     value_timer = PhaseTimer()
     update_value = session.update_step(make_value_loss(cfg.value_clip), value_opt, model=value_head, timer=value_timer)

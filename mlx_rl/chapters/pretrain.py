@@ -40,15 +40,15 @@ class PretrainConfig(LLMConfig):
     preset: str = option("tiny", "size of a new model when --model is not given", choices=["micro", "tiny", "small"])
     mistake_rate: float = option(0.75, "built-in tasks: share of corpus examples written with the task's systematic "
                                  "mistake", min=0.0, max=1.0)
-    batch_size: int = option(32, "corpus examples per step", min=1)
-    lr: float = option(1e-3, "peak learning rate (AdamW)", above=0.0, resumable=True)
+    batch_size: int = option(32, "training examples per step (corpus examples)", min=1)
+    lr: float = option(1e-3, "learning rate (AdamW; the peak, after warm-up)", above=0.0, resumable=True)
     warmup: int = option(100, "linear learning-rate warm-up steps", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
     lr_schedule: str = option("cosine", "learning rate after warm-up: constant, or cosine decay to lr/20",
                               choices=["constant", "cosine"])
     time_limit: float = option(0.0, "stop after this many seconds of wall time, evaluations included and counted across --resume (0: no limit)", min=0.0, resumable=True)
     loss_on_prompt: bool = option(False, "also train on the prompt tokens (they are random operands)")
-    eval_every: int = option(500, "evaluate held-out greedy accuracy every N steps (0: only at the start and the end)",
+    eval_every: int = option(500, "evaluate on held-out data every N steps: greedy accuracy (0: only at the start and the end)",
                              min=0, resumable=True)
 
 

@@ -87,7 +87,8 @@ class LabellerConfig:
     length_bias: float = option(0.7, "labeller: chance that, of two answers of different lengths, it picks the longer "
                                 "one whatever they say (its bias; 0: none)", min=0.0, max=1.0)
     max_extra: int = option(2, "labeller: longer answers it is shown have 1 to this many digits appended", min=1, max=8)
-    pair_prompts: int = option(8000, "labeller: training prompts it compares answers for", min=1)
+    pair_prompts: int = option(8000, "training prompts to build preference pairs from (the simulated labeller "
+                                     "compares their answers)", min=1)
     pairs_per_prompt: int = option(2, "labeller: pairs per prompt (from 5 candidate answers)", min=1, max=10)
 
 
@@ -97,7 +98,7 @@ class RewardModelConfig(LabellerConfig, LLMConfig):
     pairs: typing.Optional[str] = option(None, "preference pairs in TRL's formats (a JSONL file, or a folder with "
                                          "train.jsonl and valid.jsonl); default: the simulated labeller on --task")
     valid_share: float = option(0.1, "--pairs without valid.jsonl: share of prompts held out", min=0.0, max=0.5)
-    batch_size: int = option(128, "pairs per step", min=1)
+    batch_size: int = option(128, "training examples per step (preference pairs)", min=1)
     lr: float = option(1e-3, "learning rate (AdamW)", above=0.0, resumable=True)
     warmup: int = option(10, "linear learning-rate warm-up steps", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
@@ -106,7 +107,7 @@ class RewardModelConfig(LabellerConfig, LLMConfig):
     train_body: bool = option(True, "train the language model under the head too (--no-train-body: the head alone; "
                               "with --lora-rank: the head and the adapters)")
     calibration_bins: int = option(5, "bins of the calibration figure (confidence 0.5..1)", min=2)
-    eval_every: int = option(25, "score the held-out pairs every N steps (0: only at the start and the end)", min=0,
+    eval_every: int = option(25, "evaluate on held-out data every N steps: pair-ranking accuracy (0: only at the start and the end)", min=0,
                              resumable=True)
 
 
@@ -509,7 +510,8 @@ cli = command("reward-model", RewardModelConfig, train, help=__doc__.split("\n\n
 
 @dataclasses.dataclass
 class LabelPairsConfig(TaskConfig, LabellerConfig):
-    out: str = option("pairs", "folder to write train.jsonl and valid.jsonl to (TRL's explicit-prompt format)")
+    out: str = option("pairs", "where to write: a folder for train.jsonl and valid.jsonl (TRL's explicit-prompt format; an "
+                                "existing file is kept unless --force)")
     seed: int = option(0, "random seed (the same seed gives the pairs `mlx-rl reward-model --task` makes)")
     eval_prompts: int = option(500, "held-out prompts for valid.jsonl", min=1)
 

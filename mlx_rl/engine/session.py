@@ -46,7 +46,7 @@ class LLMConfig(RunConfig, TaskConfig):
         "default the newest runs/pretrain-* checkpoint of the task)")
     chat_template: bool = option(False, "wrap prompts in the tokenizer's chat template")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", min=0.0, resumable=True)
-    eval_every: int = option(50, "evaluate held-out greedy accuracy every N steps (0: only at the start and the end)",
+    eval_every: int = option(50, "evaluate on held-out data every N steps: greedy accuracy (0: only at the start and the end)",
                              min=0, resumable=True)
     eval_prompts: int = option(500, "held-out prompts in each evaluation", min=1)
     save_every: int = option(0, "also save a checkpoint every N steps (0: at evaluations, every --save-minutes, and at the end)",
@@ -127,9 +127,13 @@ class Session:
         """What the chapter saved with the checkpoint resumed from ({} for a new run)."""
         return (self.trainer_state or {}).get("chapter", {})
 
-    def optimizer(self, lr, steps, warmup=0, weight_decay=0.0, schedule="constant", name="policy"):
-        """AdamW (see update.make_optimizer), its state loaded back on --resume, saved with every checkpoint."""
-        optimizer = make_optimizer(lr, steps, warmup, weight_decay, schedule)
+    def optimizer(self, lr, steps, warmup=0, weight_decay=0.0, schedule="constant", name="policy", updates_per_step=1):
+        """AdamW (see update.make_optimizer), its state loaded back on --resume, saved with every checkpoint.
+
+        steps and warmup count training steps, as --steps and --warmup do in every chapter; a chapter that makes
+        several optimizer updates per step (GRPO's epochs, PPO's minibatches) says how many.
+        """
+        optimizer = make_optimizer(lr, steps * updates_per_step, warmup * updates_per_step, weight_decay, schedule)
         if self.checkpoint is not None:
             restore_optimizer(self.checkpoint, name, optimizer)
         self.optimizers[name] = optimizer

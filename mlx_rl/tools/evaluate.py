@@ -18,14 +18,14 @@ from mlx_rl.data.tasks import BUILTIN, TaskConfig
 
 @dataclasses.dataclass
 class EvalConfig(TaskConfig):
-    model: str = option("", "checkpoint directory (e.g. RUN/checkpoint) or hub name")
+    model: typing.Optional[str] = option(None, "checkpoint directory (e.g. RUN/checkpoint) or hub name (required)")
     adapter_path: typing.Optional[str] = option(None, "LoRA adapters to apply to --model")
-    prompts: int = option(500, "held-out prompts", min=1)
-    seed: int = option(0, "which held-out prompts (the built-in tasks), or which share is held out (--data)")
-    samples: int = option(5, "sample completions to show", min=0)
+    eval_prompts: int = option(500, "held-out prompts in each evaluation", min=1, aliases=("prompts",))
+    seed: int = option(0, "random seed: which held-out prompts (the built-in tasks), or which share is held out (--data)")
+    show_samples: int = option(5, "sample completions to print", min=0, aliases=("samples",))
     chat_template: bool = option(False, "wrap prompts in the tokenizer's chat template")
     max_new_tokens: int = option(0, "longest completion (0: the task's answer length + EOS; 64 with --data)", min=0)
-    pass_k: typing.Tuple[str, ...] = option((), "also pass@k for these k, comma-separated (sampled at temperature 1)")
+    pass_k: typing.Tuple[str, ...] = option((), "pass@k for these k too, comma-separated (sampled at temperature 1)")
     pass_k_samples: int = option(0, "samples per prompt for pass@k (0: the largest k)", min=0)
     json: bool = option(False, "print one JSON object instead of text")
 
@@ -64,10 +64,10 @@ def run_eval(cfg):
         raise MlxRlError("nothing to evaluate with: give --reward")
     warn_task_mismatch(cfg.model, cfg.task, cfg.data)
     model, tokenizer, _ = load_model(cfg.model, adapter_path=cfg.adapter_path)
-    rows = task.heldout_rows(cfg.prompts, seed=cfg.seed)
+    rows = task.heldout_rows(cfg.eval_prompts, seed=cfg.seed)
     if not rows:
         raise MlxRlError(f"{task.name} has no held-out rows to evaluate")
-    metrics, samples = evaluate(model, tokenizer, task, rows, cfg.chat_template, n_samples=cfg.samples)
+    metrics, samples = evaluate(model, tokenizer, task, rows, cfg.chat_template, n_samples=cfg.show_samples)
     if ks:
         metrics.update(evaluate_pass_at_k(model, tokenizer, task, rows, ks, n=cfg.pass_k_samples or None,
                                           chat_template=cfg.chat_template))

@@ -611,7 +611,7 @@ def check_checkpoint(path):
 
 @click.command("import-gguf", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.argument("file")
-@click.option("--out", required=True, metavar="DIR", help="checkpoint directory to create (must not exist, or be empty)")
+@click.option("--out", required=True, metavar="DIR", help="where to write: the checkpoint directory to create (must not exist, or be empty)")
 @click.option("--dequantize/--keep-quantized", default=None,
               help="store Q4_0/Q4_1/Q8_0 tensors as dense weights, or keep them as MLX quantized blocks "
                    "(default: dense when MLX runs on the CPU, where quantized matmuls are slow; kept on a GPU)")
