@@ -274,15 +274,17 @@ def rlhf_figures(run_dir):
     from mlx_rl.runs import read_jsonl
 
     rows = list(read_jsonl(Path(run_dir) / "metrics.jsonl"))
+    t0 = rows[0]["wall_s"]
+    pair_evals = [r for r in rows if "eval/pair_accuracy" in r]
+    if pair_evals:  # a reward model
+        evals = pair_evals
+        first = next((r for r in evals if r["eval/pair_accuracy"] >= 0.9), None)
+        return {"pair_accuracy": evals[-1]["eval/pair_accuracy"], "prefers_longer": evals[-1].get("eval/prefers_longer"),
+                "time_to_90_s": round(first["wall_s"] - t0, 1) if first else None,
+                "train_s": round(rows[-1]["wall_s"] - t0, 1)}
     evals = [r for r in rows if "eval/accuracy" in r]
     if not evals:
         return {}
-    t0 = rows[0]["wall_s"]
-    if "eval/reward_rm" not in evals[0]:  # a reward model
-        first = next((r for r in evals if r["eval/accuracy"] >= 0.9), None)
-        return {"pair_accuracy": evals[-1]["eval/accuracy"], "prefers_longer": evals[-1].get("eval/prefers_longer"),
-                "time_to_90_s": round(first["wall_s"] - t0, 1) if first else None,
-                "train_s": round(rows[-1]["wall_s"] - t0, 1)}
     peak = max(evals, key=lambda r: r["eval/accuracy"])
     lengths = {r["step"]: r["policy/completion_len"] for r in rows if "policy/completion_len" in r}
 

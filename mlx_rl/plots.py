@@ -59,7 +59,7 @@ METRICS = {
     "loss/cross_entropy": ("Cross-entropy on the answer tokens", "nats / token"),
     "loss/total": ("Total loss (the one differentiated)", "loss"),
     "loss/policy": ("Policy loss", "loss"),
-    "loss/value": ("Value loss", "squared error"),
+    "loss/value": ("Value loss (icemaze: the baseline's)", "squared error"),
     "loss/kl": ("KL penalty term of the loss", "loss"),
     "loss/dpo": ("DPO preference loss", "nats / pair"),
     "loss/nll": ("NLL of the chosen answers", "nats / token"),
@@ -101,7 +101,7 @@ METRICS = {
     "value/explained_variance": ("Value head: explained variance of returns", "1 = perfect, 0 = mean"),
     "value/mean": ("Value head prediction, mean", "return"),
     "value/return_mean": ("GAE return, mean", "return"),
-    "value/advantage_mean": ("GAE advantage, mean", "advantage"),
+    "value/advantage_mean": ("Advantage, mean (PPO: GAE; icemaze: A(s, a))", "advantage"),
     "value/advantage_std": ("GAE advantage, spread", "advantage (std)"),
     "value/clipfrac": ("Values where the value clip was active", "share of tokens"),
     "dpo/margin": ("Implicit reward margin, chosen - rejected", "beta * log-ratio"),
@@ -117,13 +117,14 @@ METRICS = {
     "rm/chosen": ("Reward of the chosen answers", "reward"),
     "rm/rejected": ("Reward of the rejected answers", "reward"),
     "rm/epoch": ("Passes over the training pairs", "epoch"),
+    "eval/pair_accuracy": ("Held-out pairs ranked as labelled", "share of pairs"),
     "eval/loss": ("Bradley-Terry loss", "nats / pair"),
     "eval/margin": ("Reward margin, chosen - rejected", "reward"),
     "eval/calibration_error": ("Calibration error", "|predicted - observed|"),
     "eval/prefers_longer": ("The longer answer scores higher", "share of pairs"),
     "eval/verifier_agreement": ("Ranked as the verifier would", "share of pairs"),
-    "eval/accuracy_same_length": ("Pairs of one length: as labelled", "share of pairs"),
-    "eval/accuracy_different_length": ("Pairs of two lengths: as labelled", "share of pairs"),
+    "eval/pair_accuracy_same_length": ("Pairs of one length: as labelled", "share of pairs"),
+    "eval/pair_accuracy_different_length": ("Pairs of two lengths: as labelled", "share of pairs"),
     "eval/reward_rm": ("Learned reward (reward model)", "reward (std units)"),
     "reward/rm": ("Learned reward of the sampled completions", "reward (std units)"),
     "pairs/skipped_prompts": ("Prompts with no pair (all samples tied)", "prompts"),
@@ -132,26 +133,23 @@ METRICS = {
     "optim/grad_norm": ("Gradient norm before clipping", "L2 norm"),
     "perf/tokens_per_s": ("Throughput", "tokens / s"),
     "perf/peak_memory_gb": ("Peak MLX memory", "GB"),
-    "charts/return": ("Episode return (discounted)", "return"),
-    "charts/length": ("Episode length", "moves"),
-    "charts/success": ("Success rate (behaviour policy)", "share of episodes"),
-    "charts/epsilon": ("Exploration rate epsilon", "share of moves"),
-    "charts/alpha": ("TD step size alpha", "step size"),
-    "losses/td_error": ("TD error", "value"),
-    "losses/policy_loss": ("Policy loss", "loss"),
-    "losses/value_loss": ("Baseline loss", "squared error"),
-    "losses/bellman_error": ("Bellman residual (largest change of V)", "value"),
-    "values/v_start": ("V of the start square", "value"),
-    "values/advantage_mean": ("Advantage A(s, a), mean", "value"),
-    "values/advantage_taken": ("Advantage of the actions taken", "value"),
+    "env/return": ("Episode return (discounted)", "return"),
+    "env/length": ("Episode length", "moves"),
+    "env/success": ("Success rate (behaviour policy)", "share of episodes"),
+    "policy/epsilon": ("Exploration rate epsilon", "share of moves"),
+    "optim/alpha": ("TD step size alpha", "step size"),
+    "loss/td_error": ("TD error", "value"),
+    "loss/bellman_error": ("Bellman residual (largest change of V)", "value"),
+    "value/v_start": ("V of the start square", "value"),
+    "value/advantage_taken": ("Advantage of the actions taken", "value"),
 }
 
 GROUPS = {  # in the order the figures are listed: what was learned first, then how
     "eval": "Held-out evaluation", "reward": "Reward of the sampled completions", "train": "Training samples",
     "loss": "Losses", "kl": "KL divergence", "policy": "Policy", "grpo": "GRPO signal",
     "value": "Value head", "dpo": "DPO implicit rewards", "dapo": "DAPO dynamic sampling", "pairs": "Preference pairs", "rm": "Reward model (training pairs)", "optim": "Optimiser",
-    "perf": "Throughput and memory", "time": "Where the time goes", "charts": "Episodes",
-    "losses": "Losses", "values": "Values", "misc": "Other metrics",
+    "perf": "Throughput and memory", "time": "Where the time goes", "env": "Episodes",
+    "misc": "Other metrics",
 }
 
 CHAPTERS = {"icemaze": "Ice Maze", "pretrain": "Pretraining", "kl": "KL estimators", "grpo": "GRPO",
@@ -912,6 +910,9 @@ def cli(runs, out, x, labels):
     """Draw a run's curves, or overlay several runs (one PNG per metric group, plus time.png)."""
     data = load_runs(list(runs), parse_labels(labels))
     out_dir = Path(out) if out else Path(runs[0]) / "plots" if len(runs) == 1 else overlay_dir(runs)
+    from mlx_rl.runs import check_writable_folder
+
+    check_writable_folder(out_dir, "--out")  # a folder that can't be written: one line, before anything is drawn
     drawn = draw(data, x)
     try:
         for path, foreign in save(drawn, out_dir):

@@ -400,8 +400,11 @@ def default_out(run_paths):
 @click.option("--labels", default=None, help="comma-separated names for the runs, e.g. grpo,control")
 def cli(runs, out, x, labels):
     """Write one self-contained HTML page for a run, or several side by side (plots, config, timing, samples)."""
-    page = build(runs, plots.parse_labels(labels), x)
+    from mlx_rl.runs import check_writable_folder
+
     path = Path(out) if out else default_out(runs)
+    check_writable_folder(path.parent, "--out", path)
+    page = build(runs, plots.parse_labels(labels), x)
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, page)

@@ -147,6 +147,31 @@ def check_out_dir(path):
         raise MlxRlError(f"--out {path}: cannot write in {parent} (permission denied)")
 
 
+def check_out_file(path, force=False, flag="--out"):
+    """A one-line error unless `path` can be written as a new output file (nothing is created).
+
+    An existing file is kept unless force (a user's pairs or plots are never overwritten without --force);
+    its folder must exist or be creatable, and be writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise MlxRlError(f"{flag} {path} is a folder, not a file")
+    if path.exists() and not force:
+        raise MlxRlError(f"{flag} {path} already exists: choose another {flag}, or add --force to overwrite it")
+    check_writable_folder(path.parent, flag, path)
+
+
+def check_writable_folder(folder, flag, what=None):
+    """A one-line error unless files can be written in `folder` (it may not exist yet: its nearest parent counts)."""
+    folder = Path(folder)
+    what = what or folder
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise MlxRlError(f"{flag} {what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MlxRlError(f"{flag} {what}: cannot write in {existing} (permission denied)")
+
+
 class Run:
     """One run directory. `Run.create` for a new run, `Run.reopen` to continue one."""
 

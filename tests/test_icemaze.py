@@ -195,8 +195,8 @@ def test_reinforce_loss_matches_numpy_reference():
             policy_loss -= logp[actions[i, t]] * (returns[i, t] - v) / 5
             value_loss += 0.5 * (returns[i, t] - v) ** 2 / 5
             entropy -= (np.exp(logp) * logp).sum() / 5
-    assert metrics["losses/policy_loss"].item() == pytest.approx(policy_loss, rel=1e-4)
-    assert metrics["losses/value_loss"].item() == pytest.approx(value_loss, rel=1e-4)
+    assert metrics["loss/policy"].item() == pytest.approx(policy_loss, rel=1e-4)
+    assert metrics["loss/value"].item() == pytest.approx(value_loss, rel=1e-4)
     assert metrics["policy/entropy"].item() == pytest.approx(entropy, rel=1e-4)
     assert loss.item() == pytest.approx(policy_loss + 0.5 * value_loss - 0.01 * entropy, rel=1e-4)
 
@@ -225,7 +225,7 @@ def test_cli_smoke(tmp_path, algo):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows
     if algo != "value_iteration":
-        assert {"charts/return", "charts/length", "charts/success"} <= set(rows[-1])
+        assert {"env/return", "env/length", "env/success"} <= set(rows[-1])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["chapter"] == "icemaze" and summary["status"] == "finished"
     assert summary["after"]["eval/success_rate"] == summary["details"]["eval"]["success_rate"]

@@ -150,7 +150,7 @@ def test_report_of_a_real_run_renders_in_chromium(tmp_path):
 
 
 def test_report_lists_the_chapters_own_figures(tmp_path):
-    run = write_run(tmp_path / "ice", "icemaze", [{"step": s, "wall_s": s, "charts/return": s / 10} for s in range(1, 9)])
+    run = write_run(tmp_path / "ice", "icemaze", [{"step": s, "wall_s": s, "env/return": s / 10} for s in range(1, 9)])
     import matplotlib.pyplot as plt
 
     fig = plt.figure(figsize=(2, 2))

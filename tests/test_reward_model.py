@@ -201,7 +201,7 @@ def test_pairs_in_trl_formats_load_and_train(tmp_path, micro_checkpoint):
           "--eval-every", "1", "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["details"]["pairs"] == {"train": 12, "valid": 4}
-    assert "eval/accuracy" in summary["after"] and "eval/calibration_error" in summary["after"]
+    assert "eval/pair_accuracy" in summary["after"] and "eval/calibration_error" in summary["after"]
 
 
 # --- the CLI: a reward model from the labeller, then GRPO and PPO on it --------------------------
@@ -230,9 +230,9 @@ def test_reward_model_cli_saves_an_mlx_lm_checkpoint_and_the_head(rm_run):
     assert len(data.train) > 0 and len(data.valid) > 0 and set(json.loads(
         (rm_run / "pairs" / "train.jsonl").read_text().splitlines()[0])) == {"prompt", "chosen", "rejected"}
     summary = json.loads((rm_run / "summary.json").read_text())
-    assert {"eval/loss", "eval/accuracy", "eval/margin", "eval/calibration_error", "eval/prefers_longer",
+    assert {"eval/loss", "eval/pair_accuracy", "eval/margin", "eval/calibration_error", "eval/prefers_longer",
             "eval/verifier_agreement"} <= set(summary["after"])
-    assert summary["before"]["eval/accuracy"] == 0.5 and summary["before"]["eval/loss"] == pytest.approx(np.log(2))
+    assert summary["before"]["eval/pair_accuracy"] == 0.5 and summary["before"]["eval/loss"] == pytest.approx(np.log(2))
     assert (rm_run / "plots" / "calibration.png").exists()
     rows = [json.loads(line) for line in (rm_run / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["loss/bradley_terry"] == pytest.approx(np.log(2), abs=1e-5)  # the head starts at 0

@@ -57,6 +57,7 @@ Reasoning Preference Optimization" (rounds + NLL).
 import dataclasses
 import json
 import typing
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -74,6 +75,8 @@ from mlx_rl.runs import atomic_write_json, read_json
 @dataclasses.dataclass
 class DPOConfig(LLMConfig):
     steps: int = option(0, "number of training steps at most (0: no limit; rounds x epochs decide)", min=0, resumable=True)
+    resume: typing.Optional[str] = option(None, "continue a run directory from its last checkpoint (a finished run: "
+                                          "extend it with a larger --rounds)")
     pairs: typing.Optional[str] = option(None, "preference pairs in TRL's formats, a JSONL file (default: build pairs "
                                          "on-policy from the task and its reward)")
     rounds: int = option(6, "on-policy rounds: sample fresh pairs from the current policy, train on them (--pairs: one "
@@ -320,12 +323,15 @@ class PairsConfig:
     samples_per_prompt: int = option(8, "answers sampled per prompt, ranked by the reward into pairs", min=2)
     pair_temperature: float = option(1.0, "sampling temperature of the answers made into pairs", above=0.0)
     chat_template: bool = option(False, "wrap prompts in the tokenizer's chat template")
+    force: bool = option(False, "overwrite --out if it exists")
 
 
 def run_dpo_pairs(cfg):
     from mlx_rl.data.tasks import make_task
     from mlx_rl.engine.models import load_model
+    from mlx_rl.runs import check_out_file
 
+    check_out_file(cfg.out, cfg.force)  # before anything is sampled
     task = make_task(cfg)
     probe = dataclasses.replace(DPOConfig(), model=cfg.model, task=cfg.task, data=cfg.data)
     resolve_policy_model(probe)  # --model defaults to the newest pretrain run
@@ -334,6 +340,7 @@ def run_dpo_pairs(cfg):
     rows = task.train_rows(np.random.default_rng([cfg.seed, 0]), cfg.pair_prompts, distinct=True)
     _, jsonl, metrics = build_pairs(model, tokenizer, task, rows, cfg.samples_per_prompt, cfg.pair_temperature,
                                     cfg.chat_template)
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     write_pairs(cfg.out, jsonl)
     print(f"wrote {len(jsonl)} pairs to {cfg.out} ({metrics['pairs/skipped_prompts']} of {len(rows)} prompts skipped: "
           f"all answers scored the same; sample accuracy {metrics.get('train/accuracy', float('nan')):.1%})")

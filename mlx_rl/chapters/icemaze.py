@@ -504,8 +504,8 @@ def reinforce_loss(model, states_1h, actions, returns, mask, value_coef, entropy
     entropy = -(mx.exp(logprobs) * logprobs).sum(axis=-1)  # (B, T)
     entropy = (entropy * mask).sum() / n
     loss = policy_loss + value_coef * value_loss - entropy_coef * entropy
-    metrics = {"losses/policy_loss": policy_loss, "losses/value_loss": value_loss, "policy/entropy": entropy,
-               "values/advantage_mean": (advantages * mask).sum() / mask.sum()}
+    metrics = {"loss/policy": policy_loss, "loss/value": value_loss, "policy/entropy": entropy,
+               "value/advantage_mean": (advantages * mask).sum() / mask.sum()}
     return loss, metrics
 
 
@@ -547,15 +547,15 @@ class Logger:
 def train_q_learning(cfg, env, episodes, rng, logger):
     Q = [[0.0] * env.n_actions for _ in range(env.n_states)]  # Q[s][a], all zero at the start
     start_s = env.start
-    progress = LiveLine("icemaze q_learning", episodes, signals={"success": "charts/success", "epsilon": "charts/epsilon"})
+    progress = LiveLine("icemaze q_learning", episodes, signals={"success": "env/success", "epsilon": "policy/epsilon"})
     start = time.perf_counter()
     for episode in range(1, episodes + 1):
         epsilon, alpha = schedules(episode - 1, cfg, episodes)
         ep = q_learning_episode(env, Q, epsilon, alpha, cfg.gamma, rng)
         logger.add(episode, {
-            "charts/return": ep["return"], "charts/length": ep["length"], "charts/success": ep["success"],
-            "charts/epsilon": epsilon, "charts/alpha": alpha, "losses/td_error": ep["td_error"], "values/advantage_taken": ep["advantage"],
-            "values/v_start": max(Q[start_s]),  # V(s) = max_a Q(s, a): the value of the greedy target policy
+            "env/return": ep["return"], "env/length": ep["length"], "env/success": ep["success"],
+            "policy/epsilon": epsilon, "optim/alpha": alpha, "loss/td_error": ep["td_error"], "value/advantage_taken": ep["advantage"],
+            "value/v_start": max(Q[start_s]),  # V(s) = max_a Q(s, a): the value of the greedy target policy
         })
         if episode % logger.every == 0:
             progress.update(episode, logger.rows[-1])
@@ -572,7 +572,7 @@ def train_reinforce(cfg, env, episodes, rng, logger):
     value_and_grad = nn.value_and_grad(model, lambda *a: reinforce_loss(model, *a))
     eye = mx.eye(env.n_states)
     updates = math.ceil(episodes / cfg.batch_episodes)
-    progress = LiveLine("icemaze reinforce", updates, signals={"success": "charts/success", "loss": "losses/policy_loss"})
+    progress = LiveLine("icemaze reinforce", updates, signals={"success": "env/success", "loss": "loss/policy"})
     start, done = time.perf_counter(), 0
     for update in range(1, updates + 1):
         n = min(cfg.batch_episodes, episodes - done)
@@ -587,11 +587,11 @@ def train_reinforce(cfg, env, episodes, rng, logger):
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state, metrics)
         done += n
-        figures = {"charts/return": returns[:, 0].mean(), "charts/length": eps.lengths.mean(),
-                   "charts/success": eps.success.mean(), **{k: v.item() for k, v in metrics.items()}}
+        figures = {"env/return": returns[:, 0].mean(), "env/length": eps.lengths.mean(),
+                   "env/success": eps.success.mean(), **{k: v.item() for k, v in metrics.items()}}
         logger.add(done, figures, n)
         if update % max(1, updates // 50) == 0 or update == updates:
-            progress.update(update, {"charts/success": float(eps.success.mean()), "losses/policy_loss": loss.item()})
+            progress.update(update, {"env/success": float(eps.success.mean()), "loss/policy": loss.item()})
     progress.close()
     logger.flush(episodes)
     probs, V = policy_table(model, env.n_states)
@@ -632,7 +632,7 @@ def train(cfg):
         learned = train_reinforce(cfg, env, episodes, rng, logger)
     else:
         for sweep, delta in enumerate(deltas, 1):
-            run.log(sweep, {"losses/bellman_error": delta, "time/value_iteration_s": vi_s / len(deltas)})
+            run.log(sweep, {"loss/bellman_error": delta, "time/value_iteration_s": vi_s / len(deltas)})
         learned = {"Q": Q_star, "V": V_star, "policy": pi_star, "train_s": vi_s}
 
     # Evaluate the learned greedy policy and the optimal one on the same episodes (same seed).
@@ -722,14 +722,14 @@ def plot_run(run, env, learned, V_star, pi_star, rows, cfg):
     fig.savefig(run.plots_dir / "values.png", dpi=80)
     plt.close(fig)
 
-    if rows and "charts/success" in rows[0]:
+    if rows and "env/success" in rows[0]:
         x = [r["step"] for r in rows]
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-        axes[0].plot(x, [r["charts/success"] for r in rows])
+        axes[0].plot(x, [r["env/success"] for r in rows])
         axes[0].set_title("success rate (behaviour policy)", fontsize=10)
-        axes[1].plot(x, [r["charts/return"] for r in rows])
+        axes[1].plot(x, [r["env/return"] for r in rows])
         axes[1].set_title("discounted return", fontsize=10)
-        key = "losses/td_error" if "losses/td_error" in rows[0] else "losses/policy_loss"
+        key = "loss/td_error" if "loss/td_error" in rows[0] else "loss/policy"
         axes[2].plot(x, [r[key] for r in rows])
         axes[2].set_title(key, fontsize=10)
         for ax in axes:

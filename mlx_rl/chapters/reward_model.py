@@ -390,7 +390,7 @@ def evaluate_pairs(rm, pairs, records, pad_id, bins, n_samples=8):
     _, error = calibration(margins, bins)
     metrics = {
         "eval/loss": float(np.mean(np.logaddexp(0.0, -margins))),  # -log sigmoid(margin)
-        "eval/accuracy": float(agreed.mean()),
+        "eval/pair_accuracy": float(agreed.mean()),
         "eval/margin": float(margins.mean()),
         "eval/calibration_error": error,
     }
@@ -398,8 +398,8 @@ def evaluate_pairs(rm, pairs, records, pad_id, bins, n_samples=8):
         # of two answers of different lengths, how often the longer scores higher: the labeller's bias, learned
         scores_longer = np.where(longer_first, agreed, 1 - agreed)  # a tie counts half
         metrics["eval/prefers_longer"] = float(scores_longer[different].mean())
-        metrics["eval/accuracy_same_length"] = float(agreed[~different].mean()) if (~different).any() else float("nan")
-        metrics["eval/accuracy_different_length"] = float(agreed[different].mean())
+        metrics["eval/pair_accuracy_same_length"] = float(agreed[~different].mean()) if (~different).any() else float("nan")
+        metrics["eval/pair_accuracy_different_length"] = float(agreed[different].mean())
     if records and "verifier_agrees" in records[0]:
         truth = np.array([r["verifier_agrees"] for r in records])  # the verifier's preference, not the label
         metrics["eval/verifier_agreement"] = float(np.where(truth, agreed, 1 - agreed).mean())
@@ -498,7 +498,7 @@ def train(cfg):
 
     return loop.run(session, step, steps=cfg.steps, evaluate=evaluate, details=details,
                     chapter_arrays=lambda: {HEAD_FILE: head_arrays(head, scale["mean"], scale["std"])},
-                    signals={"loss": "loss/bradley_terry", "pair acc": "rm/accuracy", "held-out acc": "eval/accuracy",
+                    signals={"loss": "loss/bradley_terry", "pair acc": "rm/accuracy", "held-out pair acc": "eval/pair_accuracy",
                              "prefers longer": "eval/prefers_longer"})
 
 
@@ -514,12 +514,19 @@ class LabelPairsConfig(TaskConfig, LabellerConfig):
                                 "existing file is kept unless --force)")
     seed: int = option(0, "random seed (the same seed gives the pairs `mlx-rl reward-model --task` makes)")
     eval_prompts: int = option(500, "held-out prompts for valid.jsonl", min=1)
+    force: bool = option(False, "overwrite train.jsonl and valid.jsonl in --out if they exist")
 
 
 def run_label_pairs(cfg):
+    from mlx_rl.runs import check_out_file
+
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise MlxRlError(f"--out {out} is a file: label-pairs writes a folder (train.jsonl and valid.jsonl)")
+    for split in ("train", "valid"):
+        check_out_file(out / f"{split}.jsonl", cfg.force)
     task = make_task(cfg)
     splits = labelled_splits(task, cfg)
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     for split, records in splits.items():
         write_pairs(out / f"{split}.jsonl", records)

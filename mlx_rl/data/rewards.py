@@ -220,14 +220,18 @@ def import_file(path, spec, cache):
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # so dataclasses, pickling and the like work inside it
-    sys.path.insert(0, str(path.parent))  # its own helper modules, imported at its top
+    folder = str(path.parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.append(folder)  # its own helper modules, imported at its top (last: it never shadows a package)
     try:
         module_spec.loader.exec_module(module)
     except (Exception, SystemExit) as e:
         del sys.modules[name]
         raise MlxRlError(f"reward file {path} failed to import: {exception_line(e)}") from None
     finally:
-        sys.path.remove(str(path.parent))
+        if added and folder in sys.path:
+            sys.path.remove(folder)
     cache[key] = module
     return module
 
@@ -451,11 +455,13 @@ class RewardSet:
                 r.seen_non_binary |= bool(np.any((values[ok] != 0) & (values[ok] != 1)))
         return Scores(total.astype(np.float32), per_reward, self.names, [r.weight for r in self.rewards], int((~applied).sum()))
 
+    FAILING_ROW_TRIES = 8  # rows tried one at a time to name the failing one: a slow reward is not called B times
+
     @staticmethod
     def failing_row(r, kwargs, B):
-        """After a batch call raised: call the function one row at a time to name the first row it fails on
-        (None if every row alone succeeds). Only on the error path, so it costs nothing in a healthy run."""
-        for i in range(B):
+        """After a batch call raised: call the function one row at a time, on the first few rows, to name the first
+        row it fails on (None if none of them fails alone). Only on the error path: free in a healthy run."""
+        for i in range(min(B, RewardSet.FAILING_ROW_TRIES)):
             one = {k: (v[i : i + 1] if isinstance(v, (list, tuple)) and len(v) == B else v) for k, v in kwargs.items()}
             try:
                 r.fn(**one)

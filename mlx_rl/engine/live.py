@@ -103,16 +103,18 @@ def shorten(text, n):
 
 def accuracy_summary(before, after):
     """'held-out accuracy 29.0% -> 100.0% (carry 2.0% -> 100.0%, no_carry 100.0% -> 100.0%)': every split shown."""
-    if "eval/accuracy" not in after and "eval/reward" not in after:
+    labels = {"eval/accuracy": "held-out accuracy", "eval/pair_accuracy": "held-out pair accuracy",
+              "eval/reward": "held-out reward"}  # (the reward model ranks pairs: its own name)
+    key = next((k for k in labels if k in after), None)
+    if key is None:
         return ""
-    key = "eval/accuracy" if "eval/accuracy" in after else "eval/reward"
-    label = "held-out accuracy" if key == "eval/accuracy" else "held-out reward"
+    label = labels[key]
 
     def pair(k):
         a, b = before.get(k), after.get(k)
         return f"{fmt_value(k, a)} -> {fmt_value(k, b)}" if a is not None else fmt_value(k, b)
 
-    splits = [k for k in after if k.startswith("eval/accuracy_")]
-    parts = [f"{k[len('eval/accuracy_'):]} {pair(k)}" for k in splits]
+    splits = [k for k in after if k.startswith(key + "_")]
+    parts = [f"{k[len(key) + 1:]} {pair(k)}" for k in splits]
     extra = f" ({', '.join(parts)})" if parts else ""
     return f"{label} {pair(key)}{extra}"

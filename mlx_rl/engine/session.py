@@ -306,10 +306,16 @@ def start(command, cfg, mistake_rate=0.75, corpus=False, precheck=None):
         if ckpt is not None:
             state = read_trainer_state(ckpt)
             if state.get("chapter", {}).get("finished") and not more_to_do(cfg, state):
+                more = "--rounds" if command == "dpo" else "--steps"
                 raise AlreadyFinished(f"{cfg.resume} already finished at step {state['step']}: nothing to do "
-                                      "(a larger --steps extends it)")
-        elif world.rank == 0:
-            print(f"{cfg.resume} has no checkpoint yet: starting it again from step 0")
+                                      f"(a larger {more} extends it)")
+        else:
+            weights = [p for name in ("checkpoint", "checkpoint.old") for p in (Path(cfg.resume) / name).glob("*.safetensors")]
+            if weights:  # weights without the trainer's state: starting over would write over them
+                raise MlxRlError(f"--resume {cfg.resume}: {weights[0].parent} has weights but no trainer_state.json, so "
+                                 f"it cannot be continued; start a new run from it with --model {weights[0].parent}")
+            if world.rank == 0:
+                print(f"{cfg.resume} has no checkpoint yet: starting it again from step 0")
 
     # 3. the model: the checkpoint being resumed (full fine-tune), else --model or a new tiny model
     lora_resume = ckpt is not None and cfg.lora_rank > 0  # LoRA: the base is --model; the checkpoint holds adapters
