@@ -21,6 +21,7 @@ MEANINGS = {
     "epochs": "passes over each batch of collected data",
     "eval-every": "evaluate on held-out data every N steps",
     "eval-prompts": "held-out prompts",
+    "force": "overwrite",
     "fuse": "also save the adapters fused into the base",
     "gamma": "discount factor",
     "kl-coef": "weight of the KL penalty to the reference",

@@ -207,6 +207,16 @@ def is_share(name):
     return unit.startswith("share")
 
 
+def heldout_count(run):
+    """How many held-out prompts (or episodes) each evaluation scored: logged as eval/prompts (fewer than
+    --eval-prompts when the data has fewer held-out rows); older runs: the configured --eval-prompts."""
+    logged = run.series.get("eval/prompts")
+    if logged is not None and len(logged.values) and is_number(logged.values[-1]) and logged.values[-1] > 0:
+        return int(logged.values[-1])
+    n = run.config.get("eval_prompts")
+    return int(n) if is_number(n) and n > 0 else None
+
+
 def phase_of(name):
     """time/forward_backward_s -> forward_backward"""
     return name[len("time/"):].removesuffix("_s")
@@ -453,8 +463,8 @@ def _draw_series(ax, run, name, x, colour, label, single, ls="-"):
     sparse = len(ys) <= 60 or name.startswith("eval/")
     if sparse:
         ax.plot(xs, ys, ls, marker="o", color=colour, lw=1.5, ms=3.5, label=label, clip_on=False, zorder=3)
-        if name == "eval/accuracy" and is_number(run.config.get("eval_prompts")):
-            lo, hi = wilson(ys, run.config["eval_prompts"])
+        if name == "eval/accuracy" and heldout_count(run):
+            lo, hi = wilson(ys, heldout_count(run))
             ax.fill_between(xs, lo, hi, color=colour, alpha=0.15, lw=0)
         if single and name.startswith("eval/") and len(ys) >= 2:  # the before -> after a reader looks for
             # inside the axes, in the right-hand corner away from where the curve ends
@@ -607,8 +617,8 @@ def _notes(drawn, runs, group):
         notes.append("Constant over the run, not drawn: " + "; ".join(parts) + ".")
     if drawn.round_lines:
         notes.append("Dashed lines: a new DPO round (fresh pairs from the current policy).")
-    if group == "eval" and any("eval/accuracy" in r.series and "eval_prompts" in r.config for r in runs):
-        n = sorted({str(r.config["eval_prompts"]) for r in runs if "eval_prompts" in r.config})
+    if group == "eval" and any("eval/accuracy" in r.series and heldout_count(r) for r in runs):
+        n = sorted({str(heldout_count(r)) for r in runs if "eval/accuracy" in r.series and heldout_count(r)})
         step0 = any("eval/accuracy" in r.series and r.series["eval/accuracy"].steps[0] == 0 for r in runs)
         notes.append(f"Band: 95% Wilson interval over {'/'.join(n)} held-out prompts"
                      + ("; step 0 is the model before training." if step0 else "."))
@@ -639,16 +649,17 @@ def _finish(fig, title, notes):
 
 
 def phase_table(rows, skip_first=1):
-    """{phase: {"mean_s", "total_s", "share"}} like profile.phase_profile, from rows already read.
+    """{phase: {"mean_s", "total_s", "share"}}: where a run's time goes, one definition for `mlx-rl profile` and
+    the report's table.
 
-    The first training step (compilation) is skipped, as `mlx-rl profile` does. Eval and save are
-    averaged over all steps: their cost per step of the run, not per eval.
+    Training steps only: the step-0 row (the evaluation before training) is not a step and is left out, and so
+    is the first step (it compiles the update). Eval and save are averaged over those steps: their cost per step
+    of the run, not per evaluation.
     """
-    steps = [r for r in rows if r.get("step", 0) > 0] or rows
+    steps = [r for r in rows if isinstance(r.get("step"), int) and r["step"] > 0]
     steps = steps[skip_first:] or steps
-    extra = [r for r in rows if r.get("step", 0) <= 0]  # step 0: the evaluation before training
     totals = {}
-    for row in steps + extra:
+    for row in steps:
         for k, v in row.items():
             if k.startswith("time/") and is_number(v):
                 totals[phase_of(k)] = totals.get(phase_of(k), 0.0) + v

@@ -217,9 +217,9 @@ def section_before_after(runs):
         rows.append(cells)
     notes = []
     for r in runs:
-        n = r.config.get("eval_prompts")
+        n = plots.heldout_count(r)  # the rows evaluated (eval/prompts), not only the configured --eval-prompts
         acc = tables[r.label].get("eval/accuracy")  # (start, end, start_step, end_step)
-        if plots.is_number(n) and acc:
+        if n and acc:
             lo, hi = plots.wilson(acc[1], n)
             notes.append(f"{esc(r.label)}: {int(n)} held-out prompts per evaluation; final accuracy "
                          f"95% interval {lo:.1%} – {hi:.1%}.")
@@ -247,8 +247,9 @@ def section_time(runs):
     for r in runs:
         total += [f"<b>{1000 * sum(t['mean_s'] for t in tables[r.label].values()):.1f}</b>", "100%"]
     rows.append(total)
-    note = ("<p class='note'>Mean over the training steps, the first (compilation) skipped as in "
-            "<code>mlx-rl profile</code>; eval and save are spread over all steps.</p>")
+    note = ("<p class='note'>Mean over the training steps, the first (compilation) and the evaluation before "
+            "training left out: the same figures as <code>mlx-rl profile</code> (one function makes both); eval and "
+            "save are spread over those steps.</p>")
     return scroll(table(head, rows)) + note
 
 

@@ -1,7 +1,18 @@
-"""Regenerate docs/img/ and docs/results.md from a recorded run of benchmarks/run.py.
+"""Where the docs' figures come from: recorded runs, their small files committed under docs/runs/.
 
+    .venv/bin/python scripts/docs_figures.py record RUN NAME --command "mlx-rl ..."   # RUN's small files -> docs/runs/NAME/
+    .venv/bin/python scripts/docs_figures.py check                                    # every figure in docs/*.md traced?
     .venv/bin/python benchmarks/run.py                      # writes benchmarks/results/<date-time>/
     .venv/bin/python scripts/docs_figures.py benchmarks/results/<date-time>
+
+`record` copies what a reader needs to check a figure and nothing heavy: summary.json, config.json, tables.json
+and any other small JSON the run wrote, metrics.jsonl trimmed to at most 200 rows (the first, the last, every
+evaluation and an even spread of the rest), command.txt (the exact command) and load.txt (`uptime` now: the
+machine's load, which timings depend on). Checkpoints and plots stay behind.
+
+`check` (and tests/test_docs_figures.py) finds every percentage and millisecond figure in docs/*.md and README.md
+and looks for it in the committed files under docs/runs/; a figure worked out from those is marked on its line
+with `<!-- arithmetic: how -->`, and is then not looked up. A figure found nowhere is listed.
 
 Every figure on a docs page is a file this script copies out of that run (RUN/plots/<group>.png becomes
 docs/img/<run name>-<group>.png, the RL-versus-control overlays docs/img/<run name>-vs-control-<group>.png,
@@ -36,7 +47,119 @@ def copy(src, dst, written, wanted):
     written.append(dst.relative_to(ROOT))
 
 
+RUNS = ROOT / "docs" / "runs"
+MAX_ROWS = 200
+SMALL = 256 * 1024  # bytes: the largest JSON file copied as it is
+
+
+def trim_rows(lines, limit=MAX_ROWS):
+    """metrics.jsonl lines -> at most `limit`: the first, the last, every evaluation row, and an even spread."""
+    if len(lines) <= limit:
+        return lines
+    keep = {0, len(lines) - 1} | {i for i, line in enumerate(lines) if '"eval/' in line}
+    spare = max(limit - len(keep), 0)
+    if spare:
+        step = len(lines) / spare
+        keep |= {int(k * step) for k in range(spare)}
+    return [lines[i] for i in sorted(keep)][: max(limit, len(keep))]
+
+
+def record(run, name, command, load=None):
+    """Copy a run's small files into docs/runs/<name>/ (see the module docstring)."""
+    import subprocess
+
+    run, dest = Path(run), RUNS / name
+    if not (run / "summary.json").exists() and not list(run.glob("*.json")):
+        sys.exit(f"{run} has no summary.json or other JSON to record")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted(run.glob("*.json")):
+        if f.stat().st_size <= SMALL:
+            shutil.copyfile(f, dest / f.name)
+    metrics = run / "metrics.jsonl"
+    if metrics.exists():
+        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+        (dest / "metrics.jsonl").write_text("".join(line + "\n" for line in trim_rows(lines)))
+    (dest / "command.txt").write_text(command.strip() + "\n")
+    uptime = load or subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    (dest / "load.txt").write_text(uptime + "\n")
+    print(f"recorded {run} as {dest.relative_to(ROOT)}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
+
+
+# A figure the docs state: 87.8%, 0.4 %, 617.2 ms, 12 ms/step (numbers inside code blocks, links and HTML
+# comments are not figures a reader takes from the prose).
+FIGURE = re.compile(r"(?<![\w.])(\d+(?:[.,]\d+)*)\s?(%|ms\b)")
+
+
+def doc_pages():
+    return sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+
+
+def figures_in(text):
+    """[(line number, figure text, value)] outside code blocks, HTML comments and link targets."""
+    out, in_code = [], False
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            in_code = not in_code
+            continue
+        if in_code or "<!-- arithmetic:" in line:
+            continue
+        prose = re.sub(r"<!--.*?-->", "", line)
+        prose = re.sub(r"\]\([^)]*\)", "]", prose)  # link targets
+        prose = re.sub(r"`[^`]*`", "", prose)  # inline code: commands and names, not figures
+        for m in FIGURE.finditer(prose):
+            out.append((n, m.group(0), m.group(1).replace(",", ""), m.group(2)))
+    return out
+
+
+def recorded_numbers():
+    """Every number in the committed run files, as the texts a page may print it as."""
+    texts = set()
+    for f in RUNS.rglob("*"):
+        if not f.is_file() or f.suffix not in (".json", ".jsonl", ".txt", ".md", ".csv"):
+            continue
+        for token in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", f.read_text(errors="replace")):
+            try:
+                v = float(token)
+            except ValueError:
+                continue
+            texts.add(token.lstrip("-"))
+            for scale in (1, 100, 1000):  # a share as a percentage; seconds as milliseconds
+                x = abs(v) * scale
+                for digits in range(0, 4):
+                    texts.add(f"{x:.{digits}f}")
+    return texts
+
+
+def untraced():
+    """[(page, line, figure)] for every figure found in no committed run file and not marked as arithmetic."""
+    known = recorded_numbers()
+    missing = []
+    for page in doc_pages():
+        for n, text, number, unit in figures_in(page.read_text()):
+            if number not in known:
+                missing.append((page.relative_to(ROOT), n, text))
+    return missing
+
+
+def check():
+    missing = untraced()
+    for page, n, text in missing:
+        print(f"{page}:{n}: {text} is in no file under docs/runs/ (and not marked <!-- arithmetic: ... -->)")
+    print(f"{len(missing)} untraced figure(s)")
+    return 1 if missing else 0
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "record":
+        ap = argparse.ArgumentParser(prog="docs_figures.py record")
+        ap.add_argument("run")
+        ap.add_argument("name")
+        ap.add_argument("--command", required=True, help="the exact command that made the run")
+        ap.add_argument("--load", default=None, help="`uptime` as it was during the run (default: now)")
+        a = ap.parse_args(sys.argv[2:])
+        return record(a.run, a.name, a.command, a.load)
+    if len(sys.argv) > 1 and sys.argv[1] == "check":
+        sys.exit(check())
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", help="a benchmarks/run.py results folder (it has results.json)")
     ap.add_argument("--clean", action="store_true", help="remove the PNGs in docs/img/ first")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install mlx-rl into .venv (and, on Debian/Ubuntu, OpenBLAS for a ~10x faster CPU backend).
+# Install mlx-rl into .venv (and, on Debian/Ubuntu, OpenBLAS: a pretraining step ran 7.4x faster with it, docs/runs/openblas).
 # Used by run_all.sh, test.sh and CI. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -7,7 +7,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def micro_model():
-    """A fresh micro model (about 60k parameters) and its tokenizer."""
+    """A fresh micro model (137,920 parameters) and its tokenizer."""
     from mlx_rl.engine.models import new_tiny_model
 
     return new_tiny_model("micro", seed=0)

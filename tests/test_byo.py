@@ -350,6 +350,8 @@ def matrix_case(tmp_path, ckpt, chapter, arch, mode, bits):
         extra += ["--lora-rank", "4", "--lora-layers", "1"]
     out = run_chapter(tmp_path, chapter, base, *extra)
     assert json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["perf/tokens_per_s"] > 0 for r in rows if r["step"] > 0)  # logged by every LLM chapter
     if mode == "lora":
         check_lora_run(out, base, quantized=bool(bits))
     else:

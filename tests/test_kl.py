@@ -97,7 +97,7 @@ def test_identical_checkpoints_have_zero_kl(micro_model):
     from mlx_rl.chapters.kl import KLConfig, checkpoint_experiment
 
     model, tokenizer, _ = micro_model
-    result = checkpoint_experiment(KLConfig(prompts=8, max_new_tokens=4, max_samples=16, trials=10), model, model, tokenizer)
+    result = checkpoint_experiment(KLConfig(sample_prompts=8, max_new_tokens=4, max_samples=16, trials=10), model, model, tokenizer)
     assert result["tokens"] > 0
     assert result["kl_policy_reference"] == result["kl_reference_policy"] == 0.0
     assert all(max(map(abs, e["mean"])) == 0.0 for e in result["estimators"].values())

@@ -115,3 +115,4 @@ def test_icemaze_episodes_help_shows_the_defaults(capsys):
     main(["icemaze", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "DEFAULT_EPISODES" not in out and "q_learning 4x4 2000" in out
+

@@ -240,22 +240,23 @@ def test_a_torn_last_line_is_skipped_and_said(tmp_path):
 
 
 def test_icemaze_figure_survives_plot(tmp_path, capsys):
+    """Ice Maze draws its own policy.png; the generic policy/ group (epsilon, entropy) must not replace it."""
     out = tmp_path / "ice"
     main(["icemaze", "--episodes", "200", "--eval-episodes", "50", "--out", str(out)])
-    values = out / "plots" / "values.png"
-    before = hashlib.sha256(values.read_bytes()).hexdigest()
+    own = out / "plots" / "policy.png"
+    before = hashlib.sha256(own.read_bytes()).hexdigest()
     capsys.readouterr()
     main(["plot", str(out)])
     printed = capsys.readouterr().out
-    assert hashlib.sha256(values.read_bytes()).hexdigest() == before  # byte-identical: the chapter's figure
-    assert not plots.is_generic_figure(values)
-    assert plots.is_generic_figure(out / "plots" / "values-curves.png")
-    assert "values.png was not drawn by mlx-rl plot, so it was kept: a chapter's own figure" in printed
-    # Again: our own values-curves.png is replaced in place, no values-curves-2.png pile-up.
+    assert hashlib.sha256(own.read_bytes()).hexdigest() == before  # byte-identical: the chapter's figure
+    assert not plots.is_generic_figure(own)
+    assert plots.is_generic_figure(out / "plots" / "policy-curves.png")
+    assert "policy.png was not drawn by mlx-rl plot, so it was kept: a chapter's own figure" in printed
+    # Again: our own policy-curves.png is replaced in place, no policy-curves-2.png pile-up.
     main(["plot", str(out), "--x", "wall_s"])
-    assert hashlib.sha256(values.read_bytes()).hexdigest() == before
-    assert not (out / "plots" / "values-curves-2.png").exists()
-    for name in ("policy.png", "training.png"):
+    assert hashlib.sha256(own.read_bytes()).hexdigest() == before
+    assert not (out / "plots" / "policy-curves-2.png").exists()
+    for name in ("values.png", "training.png"):
         assert not plots.is_generic_figure(out / "plots" / name)
 
 

@@ -202,6 +202,8 @@ def test_pairs_in_trl_formats_load_and_train(tmp_path, micro_checkpoint):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["details"]["pairs"] == {"train": 12, "valid": 4}
     assert "eval/pair_accuracy" in summary["after"] and "eval/calibration_error" in summary["after"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["perf/tokens_per_s"] > 0 for r in rows if r["step"] > 0)
 
 
 # --- the CLI: a reward model from the labeller, then GRPO and PPO on it --------------------------

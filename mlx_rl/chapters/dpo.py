@@ -64,7 +64,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_rl.config import MlxRlError, command, option
-from mlx_rl.data.pairs import Pairs, build_pairs, pair_batch, read_pairs, tokenize_pairs, write_pairs
+from mlx_rl.data.pairs import Pairs, build_pairs, pair_batch, pair_tokens, read_pairs, tokenize_pairs, write_pairs
 from mlx_rl.engine import loop
 from mlx_rl.engine.logprobs import sequence_logprobs
 from mlx_rl.engine.session import LLMConfig, resolve_policy_model, start
@@ -278,7 +278,7 @@ def train(cfg):
         loss, aux, grad_norm = update(tokens, mask, ref, n_pairs, n_chosen_tokens)
         row = {"loss/total": loss.item(), **world.reduce_metrics({k: v.item() for k, v in aux.items()}),
                **pair_metrics, "optim/grad_norm": grad_norm.item(), "optim/lr": current_lr(optimizer),
-               "dpo/round": state["round"]}
+               "dpo/round": state["round"], "perf/tokens": pair_tokens(state["pairs"], idx)}
         if i + 1 - state["round_start"] >= len(state["batches"]):  # the round's last batch: on to the next
             state.update(round=state["round"] + 1, round_start=i + 1, pairs=None, batches=[], round_done_at=i + 1)
         return row
@@ -323,7 +323,7 @@ class PairsConfig:
     samples_per_prompt: int = option(8, "answers sampled per prompt, ranked by the reward into pairs", min=2)
     pair_temperature: float = option(1.0, "sampling temperature of the answers made into pairs", above=0.0)
     chat_template: bool = option(False, "wrap prompts in the tokenizer's chat template")
-    force: bool = option(False, "overwrite --out if it exists")
+    force: bool = option(False, "overwrite --out if it exists (default: an existing file is an error)")
 
 
 def run_dpo_pairs(cfg):

@@ -195,6 +195,7 @@ def grpo_step(session, cfg, variant, update, max_new_tokens):
         "reward/std": float(all_rewards.std()),
         "grpo/group_reward_std": float(all_rewards.std(axis=1).mean()),  # the spread the advantages see
         "policy/completion_len": float(lengths.mean()),
+        "perf/tokens": float(world.sum(np.array([float(rollout.n_tokens())]))[0]),
         "grpo/zero_signal_frac": float(all_zero.mean()),
         "grpo/skipped": float(all_zero.all()),
         **refill_stats,

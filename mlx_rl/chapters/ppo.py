@@ -383,6 +383,7 @@ def ppo_step(cfg, session, value_head, update_policy, update_value, kl_coef, ste
         "reward/std": float(all_scores.std()),
         **{f"reward/{name}": float(np.nanmean(world.gather(scored.per_reward[name]))) for name in scored.names},
         "policy/completion_len": float(masked(mx.ones_like(mask), mask).sum().item() / B),
+        "perf/tokens": float(world.sum(np.array([float(rollout.n_tokens())]))[0]),
         "kl/coef": kl_coef,
     })
     if (task.training_rewards or task.rewards).is_verifier():

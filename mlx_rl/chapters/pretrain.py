@@ -111,13 +111,14 @@ def train(cfg):
             if cfg.loss_on_prompt:
                 mask = (tokens[:, 1:] != (tokenizer.pad_token_id or 0)).astype(mx.float32)
             n_tokens = mask.sum()
+            n_batch_tokens = int((tokens != (tokenizer.pad_token_id or 0)).sum().item())  # the global batch's
             tokens, mask = world.shard(tokens), world.shard(mask)
         loss, aux, grad_norm = update(tokens, mask, n_tokens)
         return {
             "loss/cross_entropy": loss.item(),
             "optim/grad_norm": grad_norm.item(),
             "optim/lr": current_lr(optimizer),
-            "perf/tokens_per_s": n_tokens.item() / max(sum(v for k, v in timer.seconds.items() if k != "time/eval_s"), 1e-9),
+            "perf/tokens": n_batch_tokens,  # -> perf/tokens_per_s (loop.tokens_per_second)
         }
 
     stop_when = (lambda i, row: session.run.wall_s >= cfg.time_limit) if cfg.time_limit > 0 else None

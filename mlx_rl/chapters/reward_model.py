@@ -66,7 +66,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_rl.config import MlxRlError, command, option
-from mlx_rl.data.pairs import load_pairs, tokenize_pairs, write_pairs
+from mlx_rl.data.pairs import load_pairs, pair_tokens, tokenize_pairs, write_pairs
 from mlx_rl.data.tasks import BuiltinTask, TaskConfig, make_task
 from mlx_rl.engine import loop
 from mlx_rl.engine.logprobs import completion_batch
@@ -472,13 +472,15 @@ def train(cfg):
         with timer("data"):
             epoch, k = divmod(i, per_epoch)
             order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_pairs))  # reproducible on --resume
-            idx = world.shard(order[k * size : (k + 1) * size])
+            batch = order[k * size : (k + 1) * size]
+            idx = world.shard(batch)
             prompt_ids = [train_pairs.prompt_ids[j] for j in idx]
             tokens, last = sequence_batch(prompt_ids * 2, [train_pairs.chosen_ids[j] for j in idx]
                                           + [train_pairs.rejected_ids[j] for j in idx], pad_id)
         loss, metrics, grad_norm = update(tokens, last, mx.array(float(size)))
         return {"loss/bradley_terry": loss.item(), **world.reduce_metrics({k: v.item() for k, v in metrics.items()}),
-                "optim/grad_norm": grad_norm.item(), "optim/lr": current_lr(optimizer), "rm/epoch": epoch}
+                "optim/grad_norm": grad_norm.item(), "optim/lr": current_lr(optimizer), "rm/epoch": epoch,
+                "perf/tokens": pair_tokens(train_pairs, batch)}
 
     def evaluate():
         with timer("eval"):

@@ -167,6 +167,11 @@ def write_pairs(path, rows):
         raise
 
 
+def pair_tokens(pairs, idx):
+    """Tokens of a batch of pairs as the training pass reads them: prompt + chosen, prompt + rejected."""
+    return float(sum(2 * len(pairs.prompt_ids[j]) + len(pairs.chosen_ids[j]) + len(pairs.rejected_ids[j]) for j in idx))
+
+
 # --- pairs as token ids, for training -------------------------------------------------------------
 # Training never re-tokenises sampled text: pairs built on-policy keep the ids that were
 # sampled. Text pairs from a file are tokenised as prompt ids (BOS or chat template

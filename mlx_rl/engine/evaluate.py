@@ -61,7 +61,7 @@ def evaluate(model, tokenizer, task, rows, chat_template=False, batch_size=256, 
     if world is not None:
         sums = world.sum(sums)
     n = max(sums[0], 1.0)
-    metrics = {"eval/reward": sums[1] / n}
+    metrics = {"eval/reward": sums[1] / n, "eval/prompts": int(sums[0])}  # the count, for the accuracy's band
     for j, name in enumerate(names):
         metrics[f"eval/reward_{name}"] = sums[2 + 2 * j] / sums[3 + 2 * j] if sums[3 + 2 * j] else float("nan")
     if task.rewards.is_verifier():
@@ -117,7 +117,8 @@ def evaluate_episodes(model, tokenizer, task, rows, chat_template=False, batch_s
     if world is not None:
         sums = world.sum(sums)
     n = max(sums[0], 1.0)
-    metrics = {"eval/accuracy": sums[1] / n, "eval/reward": sums[2] / n, "eval/turns": sums[3] / n}
+    metrics = {"eval/accuracy": sums[1] / n, "eval/reward": sums[2] / n, "eval/turns": sums[3] / n,
+               "eval/prompts": int(sums[0])}
     for j, name in enumerate(info_names):
         metrics[f"eval/{name}"] = sums[4 + j] / n
     for j, kind in enumerate(kinds):

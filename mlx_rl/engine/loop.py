@@ -109,6 +109,7 @@ def run(session, step, *, steps, signals, chapter_state=None, chapter_arrays=Non
                 if skipped or cfg.on_nan == "skip":
                     row["optim/skipped_updates"] = skipped
                 row.update(session.timer.pop())
+                tokens_per_second(row)
                 row["perf/peak_memory_gb"] = peak_memory_gb()
                 last_row = run_dir.log(i, row)  # on disk before any checkpoint claims step i
                 faults.reached("after_log")
@@ -134,6 +135,21 @@ def run(session, step, *, steps, signals, chapter_state=None, chapter_arrays=Non
     summary = finish(session, i, before, after, last_row, details)
     session.mark_finished()
     return summary
+
+
+def tokens_per_second(row):
+    """perf/tokens_per_s, one definition in every chapter: the tokens of the step's training batch (prompts and
+    answers or completions, padding excluded, each counted once; the chapter puts the count in row["perf/tokens"])
+    per second of the step, every phase but evaluation counted (sampling, scoring and updates included)."""
+    tokens = row.pop("perf/tokens", None)
+    if tokens is None:
+        return
+    seconds = sum(v for k, v in row.items() if k.startswith("time/") and k != "time/eval_s" and is_number(v))
+    row["perf/tokens_per_s"] = float(tokens) / max(seconds, 1e-9)
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def last_good(session, step):

@@ -63,6 +63,10 @@ class Rollout:
         """(B, N) 1 on every token of the completion: the model's and, in an episode, the environment's."""
         return self.mask if self.env_mask is None else self.mask + self.env_mask
 
+    def n_tokens(self):
+        """Tokens of the batch, prompts and completions, padding excluded (perf/tokens_per_s counts these)."""
+        return sum(map(len, self.prompt_ids)) + int(self.present.sum().item())
+
     @property
     def lengths(self):
         return self.mask.sum(axis=1)  # (B,)

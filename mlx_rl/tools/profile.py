@@ -25,19 +25,10 @@ def training_rows(run_path):
 
 
 def phase_profile(run_path, skip_first=1):
-    """{phase: {"mean_s", "total_s", "share"}} over a run's training steps (the first, compile-heavy, skipped)."""
-    rows = training_rows(run_path)
-    rows = rows[skip_first:] or rows
-    totals = {}
-    for row in rows:
-        for k, v in row.items():
-            if k.startswith("time/") and isinstance(v, (int, float)):
-                totals[k] = totals.get(k, 0.0) + v
-    grand = sum(totals.values()) or 1.0
-    return {
-        k[len("time/"):].removesuffix("_s"): {"mean_s": t / len(rows), "total_s": t, "share": t / grand}
-        for k, t in sorted(totals.items(), key=lambda kv: -kv[1])
-    }
+    """{phase: {"mean_s", "total_s", "share"}} over a run's training steps (plots.phase_table: the report's too)."""
+    from mlx_rl.plots import phase_table
+
+    return phase_table(training_rows(run_path), skip_first)
 
 
 @click.command("profile")
