@@ -11,8 +11,9 @@ evaluation and an even spread of the rest), command.txt (the exact command) and 
 machine's load, which timings depend on). Checkpoints and plots stay behind.
 
 `check` (and tests/test_docs_figures.py) finds every percentage and millisecond figure in docs/*.md and README.md
-and looks for it in the committed files under docs/runs/; a figure worked out from those is marked on its line
-with `<!-- arithmetic: how -->`, and is then not looked up. A figure found nowhere is listed.
+and looks for it in the files of the recorded runs that page links to (docs/runs/NAME/: summary.json, tables,
+command and load files; not metrics.jsonl); a figure worked out from those is marked on its line with
+`<!-- arithmetic: how -->`, and is then not looked up. A figure found nowhere is listed.
 
 Every figure on a docs page is a file this script copies out of that run (RUN/plots/<group>.png becomes
 docs/img/<run name>-<group>.png, the RL-versus-control overlays docs/img/<run name>-vs-control-<group>.png,
@@ -111,11 +112,12 @@ def figures_in(text):
     return out
 
 
-def recorded_numbers():
-    """Every number in the committed run files, as the texts a page may print it as."""
+def recorded_numbers(folder):
+    """Every number in a recorded run's files (JSON, text and tables; not the per-step metrics.jsonl, whose
+    thousands of values would match anything), as the texts a page may print it as."""
     texts = set()
-    for f in RUNS.rglob("*"):
-        if not f.is_file() or f.suffix not in (".json", ".jsonl", ".txt", ".md", ".csv"):
+    for f in Path(folder).rglob("*"):
+        if not f.is_file() or f.suffix not in (".json", ".txt", ".md", ".csv"):
             continue
         for token in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", f.read_text(errors="replace")):
             try:
@@ -130,14 +132,25 @@ def recorded_numbers():
     return texts
 
 
+def cited_runs(text):
+    """The recorded runs a page links to: runs/NAME (or docs/runs/NAME) anywhere in it."""
+    return sorted({name for name in re.findall(r"runs/([\w.-]+)", text) if (RUNS / name).is_dir()})
+
+
 def untraced():
-    """[(page, line, figure)] for every figure found in no committed run file and not marked as arithmetic."""
-    known = recorded_numbers()
-    missing = []
+    """[(page, line, figure)] for every figure that is in no file of the runs its page cites, and not marked
+    as arithmetic. A page traces its figures by linking the runs they come from (docs/runs/NAME/)."""
+    cache, missing = {}, []
     for page in doc_pages():
-        for n, text, number, unit in figures_in(page.read_text()):
+        text = page.read_text()
+        known = set()
+        for name in cited_runs(text):
+            if name not in cache:
+                cache[name] = recorded_numbers(RUNS / name)
+            known |= cache[name]
+        for n, fig, number, unit in figures_in(text):
             if number not in known:
-                missing.append((page.relative_to(ROOT), n, text))
+                missing.append((page.relative_to(ROOT), n, fig))
     return missing
 
 

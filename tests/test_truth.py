@@ -60,3 +60,22 @@ def test_evaluation_logs_how_many_rows_it_scored(micro_checkpoint):
     rows = task.heldout_rows(500, seed=0)
     metrics, _ = evaluate(model, tokenizer, task, rows, False, n_samples=0)
     assert metrics["eval/prompts"] == len(rows) < 500
+
+
+def test_warmup_counts_steps_whatever_the_updates_per_step():
+    """GRPO makes --epochs updates per step, PPO epochs x minibatches: --warmup 3 still means three steps."""
+    import types
+
+    import mlx.core as mx
+
+    from mlx_rl.engine.session import Session
+
+    holder = types.SimpleNamespace(checkpoint=None, optimizers={})
+    opt = Session.optimizer(holder, 1e-3, steps=10, warmup=3, updates_per_step=4)
+    rate = opt._schedulers["learning_rate"]
+    assert rate(mx.array(11)).item() < 1e-3 * 0.99  # within step 3 (updates 8..11): still warming up
+    assert rate(mx.array(12)).item() == pytest.approx(1e-3)  # after three steps' updates: the peak
+    cosine = Session.optimizer(holder, 1e-3, steps=10, warmup=0, schedule="cosine", updates_per_step=4)
+    end = cosine._schedulers["learning_rate"]
+    assert end(mx.array(40)).item() == pytest.approx(1e-3 / 20, rel=1e-3)  # decayed over all 10 steps' updates
+    assert end(mx.array(10)).item() > 1e-3 / 2
