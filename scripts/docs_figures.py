@@ -11,8 +11,9 @@ evaluation and an even spread of the rest), command.txt (the exact command) and 
 machine's load, which timings depend on). Checkpoints and plots stay behind.
 
 `check` (and tests/test_docs_figures.py) finds every percentage and millisecond figure in docs/*.md and README.md
-and looks for it in the files of the recorded runs that page links to (docs/runs/NAME/: summary.json, tables,
-command and load files; not metrics.jsonl); a figure worked out from those is marked on its line with
+and looks for it in the files of the recorded runs linked next to it (docs/runs/NAME/..., in the same paragraph
+or table or the one just before: summary.json, tables, command and load files; not metrics.jsonl); a figure
+worked out from those is marked on its line with
 `<!-- arithmetic: how -->`, and is then not looked up. A figure found nowhere is listed.
 
 Every figure on a docs page is a file this script copies out of that run (RUN/plots/<group>.png becomes
@@ -137,20 +138,45 @@ def cited_runs(text):
     return sorted({name for name in re.findall(r"runs/([\w.-]+)", text) if (RUNS / name).is_dir()})
 
 
+def blocks(text):
+    """[(first line number, block text)]: paragraphs, tables and lists, split at blank lines."""
+    out, start, lines = [], 1, []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            if not lines:
+                start = n
+            lines.append(line)
+        elif lines:
+            out.append((start, "\n".join(lines)))
+            lines = []
+    if lines:
+        out.append((start, "\n".join(lines)))
+    return out
+
+
 def untraced():
-    """[(page, line, figure)] for every figure that is in no file of the runs its page cites, and not marked
-    as arithmetic. A page traces its figures by linking the runs they come from (docs/runs/NAME/)."""
+    """[(page, line, figure)] for every figure that is in no file of the runs cited next to it, and not marked
+    as arithmetic. A figure is traced by a link to its run (docs/runs/NAME/...) in its own paragraph or table,
+    or in the paragraph just before it (the sentence that introduces a table)."""
     cache, missing = {}, []
-    for page in doc_pages():
-        text = page.read_text()
+
+    def numbers(names):
         known = set()
-        for name in cited_runs(text):
+        for name in names:
             if name not in cache:
                 cache[name] = recorded_numbers(RUNS / name)
             known |= cache[name]
-        for n, fig, number, unit in figures_in(text):
-            if number not in known:
-                missing.append((page.relative_to(ROOT), n, fig))
+        return known
+
+    for page in doc_pages():
+        previous = []
+        for start, block in blocks(page.read_text()):
+            cited = cited_runs(block)
+            known = numbers(cited + previous)
+            for n, fig, number, unit in figures_in(block):
+                if number not in known:
+                    missing.append((page.relative_to(ROOT), start + n - 1, fig))
+            previous = cited
     return missing
 
 
