@@ -67,6 +67,7 @@ METRICS = {
     "reward/std": ("Reward spread of the sampled completions", "reward (std)"),
     "train/accuracy": ("Sampled completions exactly right", "share correct"),
     "eval/accuracy": ("Held-out accuracy (greedy)", "share correct"),
+    "eval/prompts": ("Held-out prompts (or episodes) evaluated", "prompts"),
     "eval/accuracy_carry": ("Held-out accuracy on carry problems (the corpus errs)", "share correct"),
     "eval/accuracy_no_carry": ("Held-out accuracy on problems without a carry", "share correct"),
     "eval/accuracy_repeats": ("Held-out accuracy on lists with repeats (the corpus errs)", "share correct"),
