@@ -77,6 +77,12 @@ METRICS = {
     "reward/exact": ("Sampled completions exactly right (reward exact)", "share correct"),
     "reward/chars": ("Characters in their right place (reward chars)", "characters"),
     "policy/sampler_mismatch": ("Sampler vs trainer log-prob difference", "nats / token"),
+    "policy/is_weight_mean": ("Sampler correction: weight pi_old / pi_sampler, mean", "weight"),
+    "policy/is_weight_max": ("Sampler correction: weight pi_old / pi_sampler, largest", "weight"),
+    "policy/is_masked_frac": ("Sampler correction: tokens the cap truncated or masked", "share of tokens"),
+    "distill/reverse_kl": ("KL(student || teacher), exact over the vocabulary", "nats / token"),
+    "distill/k1": ("KL(student || teacher), k1 estimate", "nats / token"),
+    "distill/k3": ("KL(student || teacher), k3 estimate", "nats / token"),
     "optim/skipped_updates": ("Updates skipped for a non-finite value", "updates"),
     "dpo/round": ("On-policy round", "round"),
     "dapo/filtered_frac": ("Dynamic sampling: groups replaced for having no signal", "share of groups"),
@@ -149,19 +155,20 @@ METRICS = {
 GROUPS = {  # in the order the figures are listed: what was learned first, then how
     "eval": "Held-out evaluation", "reward": "Reward of the sampled completions", "train": "Training samples",
     "loss": "Losses", "kl": "KL divergence", "policy": "Policy", "grpo": "GRPO signal",
-    "value": "Value head", "dpo": "DPO implicit rewards", "dapo": "DAPO dynamic sampling", "pairs": "Preference pairs", "rm": "Reward model (training pairs)", "optim": "Optimiser",
+    "value": "Value head", "distill": "Distillation", "dpo": "DPO implicit rewards", "dapo": "DAPO dynamic sampling", "pairs": "Preference pairs", "rm": "Reward model (training pairs)", "optim": "Optimiser",
     "perf": "Throughput and memory", "time": "Where the time goes", "charts": "Episodes",
     "losses": "Losses", "values": "Values", "misc": "Other metrics",
 }
 
 CHAPTERS = {"icemaze": "Ice Maze", "pretrain": "Pretraining", "kl": "KL estimators", "grpo": "GRPO",
-            "ppo": "PPO", "dpo": "DPO", "reward-model": "Reward model"}
+            "ppo": "PPO", "dpo": "DPO", "distill": "Distillation", "reward-model": "Reward model"}
 
 # What one step of each chapter consumes, for --x samples: (config keys multiplied, unit in words).
 SAMPLES_PER_STEP = {
     "grpo": (("prompts_per_step", "group_size"), "completions"),
     "ppo": (("rollout_batch",), "completions"),
     "dpo": (("batch_size",), "pairs"),
+    "distill": (("prompts_per_step",), "completions"),
     "reward-model": (("batch_size",), "pairs"),
     "pretrain": (("batch_size",), "corpus examples"),
 }
