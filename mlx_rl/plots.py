@@ -182,6 +182,7 @@ PHASE_COLOURS = {
     "generate": "#4e79a7", "reward": "#f28e2b", "reference": "#e15759", "forward_backward": "#76b7b2",
     "optimizer": "#59a14f", "update": "#2e6b30", "data": "#edc948", "allreduce": "#b07aa1",
     "value": "#ff9da7", "score": "#9c755f", "advantages": "#bab0ac", "eval": "#8cd17d", "save": "#d4a6c8",
+    "teacher": "#e15759",
 }
 OTHER_COLOURS = ["#86bcb6", "#f1ce63", "#a0cbe8", "#ffbe7d", "#d37295", "#fabfd2", "#b6992d", "#499894"]
 
