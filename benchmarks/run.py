@@ -30,6 +30,10 @@ the teacher's samples) and that GRPO run all start from the same checkpoint. One
 and the exact reverse KL to the teacher against seconds of training: distill-addition.png) and a table
 (distill-addition.md: final accuracy, time to 90%, wall time; a run over 5 minutes is marked FAIL).
 `distill-micro` distils the same teacher into a smaller student (a `--preset micro` pretraining run).
+
+Stale rollouts (`staleness`): GRPO on addition with `--rollout-staleness` 0, 2 and 8, each without and with
+`--is-correction token-tis`, from the same checkpoint: held-out accuracy against steps in one figure
+(staleness-addition.png) and a table (staleness-addition.md).
 """
 
 import argparse
@@ -88,6 +92,8 @@ FAMILY_LIMIT_S = 600  # each variant's run should take under 10 minutes here
 PASS_K = "1,8,64"
 DISTILL = {"distill": "tiny", "distill-micro": "micro"}  # name -> the student's preset
 DISTILL_LIMIT_S = 300  # each distillation run should take under 5 minutes here
+STALENESS = {"staleness": "addition"}
+STALE_KS, STALE_CORRECTION = (0, 2, 8), "token-tis"
 
 
 def run_command(args, out, log_path):
@@ -115,7 +121,8 @@ def rl_learning_rate(run_dir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join([*CHAPTERS, *FAMILIES, *DISTILL]), help="comma-separated chapters")
+    parser.add_argument("--only", default=",".join([*CHAPTERS, *FAMILIES, *DISTILL, *STALENESS]),
+                        help="comma-separated chapters")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<time>)")
     parser.add_argument("--pretrained", default=None, help="addition checkpoint for the RL chapters (default: this run's pretrain)")
     parser.add_argument("--pretrained-sort", default=None, help="sort checkpoint for grpo-sort")
@@ -123,7 +130,7 @@ def main():
     args = parser.parse_args()
 
     names = [n for n in args.only.split(",") if n]
-    unknown = set(names) - set(CHAPTERS) - set(FAMILIES) - set(DISTILL)
+    unknown = set(names) - set(CHAPTERS) - set(FAMILIES) - set(DISTILL) - set(STALENESS)
     if unknown:
         parser.error(f"unknown chapters: {', '.join(sorted(unknown))}")
     out = Path(args.out or ROOT / "benchmarks" / "results" / datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -316,10 +323,52 @@ def main():
         print("\n".join(lines), flush=True)
         return rows
 
+    def bench_staleness(name):
+        """GRPO with rollouts K steps stale, without and with the sampler correction, from one checkpoint."""
+        task = STALENESS[name]
+        ckpt = pretrained_for(task)
+        rows, run_dirs, labels = [], [], []
+        for k in STALE_KS:
+            for correction in ("none", STALE_CORRECTION):
+                cmd = ["grpo", "--task", task, "--model", str(ckpt), "--rollout-staleness", str(k),
+                       "--is-correction", correction]
+                run_dir = out / name / f"k{k}-{correction}"
+                print(f"[{name}] mlx-rl {' '.join(cmd)}", flush=True)
+                code, wall = run_command(cmd, run_dir, out / f"{name}-{run_dir.name}.log")
+                row = {"chapter": f"{name}/{run_dir.name}", "command": "mlx-rl " + " ".join(cmd),
+                       "wall_s": round(wall, 1), "status": "ok" if code == 0 else f"FAIL (exit {code})"}
+                if (run_dir / "summary.json").exists():
+                    row["final"] = lookup(json.loads((run_dir / "summary.json").read_text()), AFTER)
+                    row.update(family_figures(run_dir))
+                    mismatch = [r["policy/sampler_mismatch"] for r in read_rows(run_dir) if "policy/sampler_mismatch" in r]
+                    row["sampler_mismatch_mean"] = float(sum(mismatch) / len(mismatch)) if mismatch else None
+                    run_dirs.append(run_dir)
+                    labels.append(f"staleness {k}, correction {correction}")
+                print(f"[{row['chapter']}] {row['status']} in {wall:.0f} s  final={row.get('final')}", flush=True)
+                rows.append(row)
+        if run_dirs:
+            plot_runs(run_dirs, out / f"{name}-plots", x="step", labels=labels)
+            plot_staleness(run_dirs, labels, out / f"{name}-{task}.png",
+                           f"GRPO on {task} with stale rollouts, without and with the sampler correction")
+        fmt = lambda v: f"{v:.1%}" if isinstance(v, float) else "-"  # noqa: E731
+        lines = ["| run | status | final accuracy | time to 90% | sampler mismatch (mean over steps) | wall time |",
+                 "|---|---|---|---|---|---|"]
+        for r in rows:
+            mm = r.get("sampler_mismatch_mean")
+            t90 = r.get("time_to_90_s")
+            lines.append(f"| {r['chapter']} | {r['status']} | {fmt(r.get('final'))} | "
+                         f"{f'{t90:.0f} s' if t90 is not None else '-'} | {f'{mm:.4f}' if mm is not None else '-'} | "
+                         f"{r['wall_s']:.0f} s |")
+        (out / f"{name}-{task}.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)
+        return rows
+
     for name in names:
         if any(r["chapter"] == name for r in results):
             continue
-        if name in DISTILL:
+        if name in STALENESS:
+            results += bench_staleness(name)
+        elif name in DISTILL:
             results += bench_distill(name)
         elif name in FAMILIES:
             results += bench_family(name)
@@ -531,6 +580,39 @@ def plot_distill(run_dirs, labels, path, title):
     axes[0].set_ylim(0, 1.02)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def read_rows(run_dir):
+    from mlx_rl.runs import read_jsonl
+
+    return list(read_jsonl(Path(run_dir) / "metrics.jsonl"))
+
+
+def plot_staleness(run_dirs, labels, path, title):
+    """Held-out accuracy against GRPO steps, one line per (staleness, correction): solid without, dashed with."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = {}
+    for run_dir, label in zip(run_dirs, labels):
+        k = label.split(",")[0]
+        colour = colours.setdefault(k, f"C{len(colours)}")
+        points = [(r["step"], r["eval/accuracy"]) for r in read_rows(run_dir) if "eval/accuracy" in r]
+        ax.plot(*zip(*points), color=colour, ls="-" if label.endswith("none") else "--", marker="o", ms=3, lw=1.4,
+                label=label)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("held-out greedy accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -206,3 +206,16 @@ def test_stale_run_resumes_bit_for_bit(tmp_path, start_ckpt):
     no_eval = lambda rows: [{k: v for k, v in r.items() if not k.startswith("eval/")} for r in rows]  # noqa: E731
     assert no_eval(split) == no_eval(whole)  # (the first part evaluated at its end, step 2)
     assert whole[3]["policy/sampler_mismatch"] > 1e-3  # the resumed part sampled with the saved old weights
+
+
+def test_stale_policy_keeps_only_the_adapters_with_lora(start_ckpt):
+    from mlx_rl.engine import lora
+    from mlx_rl.engine.models import get_model
+
+    model = get_model(str(start_ckpt))[0]
+    lora.apply_lora(model, 4, -1, 20.0, None, base=str(start_ckpt))
+    stale = grpo.StalePolicy(model, 1)
+    stale.start_step()
+    (name, saved), = stale.arrays().items()
+    assert name == grpo.StalePolicy.FILE and saved and all("lora" in k for k in saved)
+    assert len(saved) == len(tree_flatten(model.trainable_parameters()))
