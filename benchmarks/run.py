@@ -23,6 +23,17 @@ against training time: grpo-family-<task>.png), a table (grpo-family-<task>.md:
 variant, final accuracy, time to 90%, wall time; a run over 10 minutes is marked
 FAIL), and on addition pass@1/8/64 of the pretraining checkpoint and of the GRPO
 run's (`mlx-rl eval --pass-k 1,8,64`).
+
+Distillation (`distill`): the GRPO-trained addition model (the `grpo` entry's run, or one made here) is the
+teacher, the plateau pretraining checkpoint the student; on-policy distillation, off-policy distillation (SFT on
+the teacher's samples) and that GRPO run all start from the same checkpoint. One overlay (held-out accuracy
+and the exact reverse KL to the teacher against seconds of training: distill-addition.png) and a table
+(distill-addition.md: final accuracy, time to 90%, wall time; a run over 5 minutes is marked FAIL).
+`distill-micro` distils the same teacher into a smaller student (a `--preset micro` pretraining run).
+
+Stale rollouts (`staleness`): GRPO on addition with `--rollout-staleness` 0, 2 and 8, each without and with
+`--is-correction token-tis`, from the same checkpoint: held-out accuracy against steps in one figure
+(staleness-addition.png) and a table (staleness-addition.md).
 """
 
 import argparse
@@ -86,6 +97,10 @@ FAMILIES = {"grpo-family": "addition", "grpo-family-sort": "sort"}  # name -> ta
 VARIANTS = ["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo"]
 FAMILY_LIMIT_S = 600  # each variant's run should take under 10 minutes here
 PASS_K = "1,8,64"
+DISTILL = {"distill": "tiny", "distill-micro": "micro"}  # name -> the student's preset
+DISTILL_LIMIT_S = 300  # each distillation run should take under 5 minutes here
+STALENESS = {"staleness": "addition"}
+STALE_KS, STALE_CORRECTION = (0, 2, 8), "token-tis"
 
 
 def run_command(args, out, log_path):
@@ -113,7 +128,8 @@ def rl_learning_rate(run_dir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join([*CHAPTERS, *FAMILIES]), help="comma-separated chapters")
+    parser.add_argument("--only", default=",".join([*CHAPTERS, *FAMILIES, *DISTILL, *STALENESS]),
+                        help="comma-separated chapters")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<time>)")
     parser.add_argument("--pretrained", default=None, help="addition checkpoint for the RL chapters (default: this run's pretrain)")
     parser.add_argument("--pretrained-sort", default=None, help="sort checkpoint for grpo-sort")
@@ -121,7 +137,7 @@ def main():
     args = parser.parse_args()
 
     names = [n for n in args.only.split(",") if n]
-    unknown = set(names) - set(CHAPTERS) - set(FAMILIES)
+    unknown = set(names) - set(CHAPTERS) - set(FAMILIES) - set(DISTILL) - set(STALENESS)
     if unknown:
         parser.error(f"unknown chapters: {', '.join(sorted(unknown))}")
     out = Path(args.out or ROOT / "benchmarks" / "results" / datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -247,10 +263,124 @@ def main():
         print("\n".join(lines), flush=True)
         return rows
 
+    def teacher_run():
+        """The GRPO run on addition (the `grpo` entry's, one already in this results folder, else one made here):
+        the teacher, and GRPO's curve."""
+        for r in results:
+            if r["chapter"] == "grpo" and r["status"] == "ok":
+                return out / "grpo"
+        if (out / "grpo" / "summary.json").exists() and (out / "grpo" / "checkpoint").exists():
+            print("[grpo] reusing the run in this results folder", flush=True)
+            return out / "grpo"
+        results.append(bench("grpo"))
+        return out / "grpo" if results[-1]["status"] == "ok" else None
+
+    def bench_distill(name):
+        """On-policy and off-policy distillation of the GRPO-trained model into the plateau checkpoint (or a
+        smaller one), beside GRPO from the same start: one overlay and a table."""
+        student = pretrained_for("addition")
+        grpo_dir = teacher_run()
+        if grpo_dir is None:
+            return [{"chapter": name, "status": "FAIL (no teacher)", "wall_s": 0.0}]
+        rows, run_dirs, labels = [], [], []
+        if DISTILL[name] != "tiny":  # a smaller student: pretrained here on the same corpus
+            small = out / f"pretrain-{DISTILL[name]}"
+            cmd = ["pretrain", "--task", "addition", "--preset", DISTILL[name]]
+            print(f"[{name}] mlx-rl {' '.join(cmd)}", flush=True)
+            code, wall = run_command(cmd, small, out / f"{name}-pretrain.log")
+            rows.append({"chapter": f"{name}/pretrain", "command": "mlx-rl " + " ".join(cmd), "wall_s": round(wall, 1),
+                         "status": "ok" if code == 0 else f"FAIL (exit {code})",
+                         "final": lookup(json.loads((small / "summary.json").read_text()), AFTER) if code == 0 else None})
+            student = small / "checkpoint"
+        else:
+            rows.append({"chapter": f"{name}/grpo", "command": "(the grpo entry)", "status": "ok",
+                         "wall_s": json.loads((grpo_dir / "summary.json").read_text())["wall_s"],
+                         **family_figures(grpo_dir)})
+            run_dirs.append(grpo_dir)
+            labels.append("GRPO (the teacher's own run)")
+        before = first_eval_of_checkpoint(student, "addition", out / f"{name}-before.json")
+        for label, extra in [("on-policy distillation", []), ("off-policy distillation (SFT on teacher samples)",
+                                                                ["--off-policy"])]:
+            cmd = ["distill", "--task", "addition", "--teacher", str(grpo_dir / "checkpoint"), "--model", str(student),
+                   *extra]
+            run_dir = out / name / ("off-policy" if extra else "on-policy")
+            print(f"[{name}] mlx-rl {' '.join(cmd)}", flush=True)
+            code, wall = run_command(cmd, run_dir, out / f"{name}-{run_dir.name}.log")
+            ok = code == 0 and wall <= DISTILL_LIMIT_S
+            row = {"chapter": f"{name}/{run_dir.name}", "command": "mlx-rl " + " ".join(cmd), "wall_s": round(wall, 1),
+                   "before": before, "status": "ok" if ok else ("FAIL (over 5 min)" if code == 0 else f"FAIL (exit {code})")}
+            if (run_dir / "summary.json").exists():
+                row["final"] = lookup(json.loads((run_dir / "summary.json").read_text()), AFTER)
+                row.update(family_figures(run_dir))
+                run_dirs.append(run_dir)
+                labels.append(label)
+            print(f"[{row['chapter']}] {row['status']} in {wall:.0f} s  final={row.get('final')} "
+                  f"to 90%={row.get('time_to_90_s')}", flush=True)
+            rows.append(row)
+        if run_dirs:
+            plot_distill(run_dirs, labels, out / f"{name}-addition.png",
+                         f"Distilling the GRPO-trained model into {'a smaller' if DISTILL[name] != 'tiny' else 'the plateau'}"
+                         " checkpoint, from the same start")
+        fmt = lambda v: f"{v:.1%}" if isinstance(v, float) else "-"  # noqa: E731
+        secs = lambda v: f"{v:.0f} s" if isinstance(v, (int, float)) else "-"  # noqa: E731
+        lines = [f"Student's held-out greedy accuracy at the start: {fmt(before)}. Time to 90%: seconds of training to "
+                 "the first evaluation at 90% or more.", "", "| run | status | final accuracy | time to 90% | "
+                 "wall time (training) | wall time (command) |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['chapter']} | {r['status']} | {fmt(r.get('final_accuracy', r.get('final')))} | "
+                         f"{secs(r.get('time_to_90_s'))} | {secs(r.get('train_s'))} | {secs(r['wall_s'])} |")
+        (out / f"{name}-addition.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)
+        return rows
+
+    def bench_staleness(name):
+        """GRPO with rollouts K steps stale, without and with the sampler correction, from one checkpoint."""
+        task = STALENESS[name]
+        ckpt = pretrained_for(task)
+        rows, run_dirs, labels = [], [], []
+        for k in STALE_KS:
+            for correction in ("none", STALE_CORRECTION):
+                cmd = ["grpo", "--task", task, "--model", str(ckpt), "--rollout-staleness", str(k),
+                       "--is-correction", correction]
+                run_dir = out / name / f"k{k}-{correction}"
+                print(f"[{name}] mlx-rl {' '.join(cmd)}", flush=True)
+                code, wall = run_command(cmd, run_dir, out / f"{name}-{run_dir.name}.log")
+                row = {"chapter": f"{name}/{run_dir.name}", "command": "mlx-rl " + " ".join(cmd),
+                       "wall_s": round(wall, 1), "status": "ok" if code == 0 else f"FAIL (exit {code})"}
+                if (run_dir / "summary.json").exists():
+                    row["final"] = lookup(json.loads((run_dir / "summary.json").read_text()), AFTER)
+                    row.update(family_figures(run_dir))
+                    mismatch = [r["policy/sampler_mismatch"] for r in read_rows(run_dir) if "policy/sampler_mismatch" in r]
+                    row["sampler_mismatch_mean"] = float(sum(mismatch) / len(mismatch)) if mismatch else None
+                    run_dirs.append(run_dir)
+                    labels.append(f"staleness {k}, correction {correction}")
+                print(f"[{row['chapter']}] {row['status']} in {wall:.0f} s  final={row.get('final')}", flush=True)
+                rows.append(row)
+        if run_dirs:
+            plot_runs(run_dirs, out / f"{name}-plots", x="step", labels=labels)
+            plot_staleness(run_dirs, labels, out / f"{name}-{task}.png",
+                           f"GRPO on {task} with stale rollouts, without and with the sampler correction")
+        fmt = lambda v: f"{v:.1%}" if isinstance(v, float) else "-"  # noqa: E731
+        lines = ["| run | status | final accuracy | time to 90% | sampler mismatch (mean over steps) | wall time |",
+                 "|---|---|---|---|---|---|"]
+        for r in rows:
+            mm = r.get("sampler_mismatch_mean")
+            t90 = r.get("time_to_90_s")
+            lines.append(f"| {r['chapter']} | {r['status']} | {fmt(r.get('final'))} | "
+                         f"{f'{t90:.0f} s' if t90 is not None else '-'} | {f'{mm:.4f}' if mm is not None else '-'} | "
+                         f"{r['wall_s']:.0f} s |")
+        (out / f"{name}-{task}.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)
+        return rows
+
     for name in names:
         if any(r["chapter"] == name for r in results):
             continue
-        if name in FAMILIES:
+        if name in STALENESS:
+            results += bench_staleness(name)
+        elif name in DISTILL:
+            results += bench_distill(name)
+        elif name in FAMILIES:
             results += bench_family(name)
         else:
             results.append(bench(name))
@@ -428,6 +558,74 @@ def plot_family(run_dirs, labels, path, title):
         ax.tick_params(labelsize=8)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_distill(run_dirs, labels, path, title):
+    """Two panels, one line per run, against seconds of training (from the first evaluation): held-out greedy
+    accuracy, and the exact reverse KL to the teacher on the student's samples (on-policy runs only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mlx_rl.plots import load_run, moving_average
+
+    panels = [("eval/accuracy", "held-out greedy accuracy"),
+              ("distill/reverse_kl", "KL(student || teacher) on the student's samples (nats / token)")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for run_dir, label in zip(run_dirs, labels):
+        run = load_run(run_dir, label)
+        t0 = min((float(s.wall[0]) for s in run.series.values() if len(s.wall)), default=0.0)
+        for ax, (metric, _) in zip(axes, panels):
+            if metric in run.series:
+                series = run.series[metric]
+                values = series.values if metric == "eval/accuracy" else moving_average(series.values, 3)
+                ax.plot(series.wall - t0, values, label=label, lw=1.4, marker="o" if metric == "eval/accuracy" else None,
+                        ms=3)
+    for ax, (metric, name) in zip(axes, panels):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("seconds of training", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0, 1.02)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def read_rows(run_dir):
+    from mlx_rl.runs import read_jsonl
+
+    return list(read_jsonl(Path(run_dir) / "metrics.jsonl"))
+
+
+def plot_staleness(run_dirs, labels, path, title):
+    """Held-out accuracy against GRPO steps, one line per (staleness, correction): solid without, dashed with."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = {}
+    for run_dir, label in zip(run_dirs, labels):
+        k = label.split(",")[0]
+        colour = colours.setdefault(k, f"C{len(colours)}")
+        points = [(r["step"], r["eval/accuracy"]) for r in read_rows(run_dir) if "eval/accuracy" in r]
+        ax.plot(*zip(*points), color=colour, ls="-" if label.endswith("none") else "--", marker="o", ms=3, lw=1.4,
+                label=label)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("held-out greedy accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

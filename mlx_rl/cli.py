@@ -25,6 +25,7 @@ COMMANDS = {
     "grpo": "mlx_rl.chapters.grpo",
     "ppo": "mlx_rl.chapters.ppo",
     "dpo": "mlx_rl.chapters.dpo",
+    "distill": "mlx_rl.chapters.distill",
     "dpo-pairs": "mlx_rl.chapters.dpo",
     "label-pairs": "mlx_rl.chapters.reward_model",
     "reward-model": "mlx_rl.chapters.reward_model",

@@ -78,6 +78,12 @@ METRICS = {
     "reward/exact": ("Sampled completions exactly right (reward exact)", "share correct"),
     "reward/chars": ("Characters in their right place (reward chars)", "characters"),
     "policy/sampler_mismatch": ("Sampler vs trainer log-prob difference", "nats / token"),
+    "policy/is_weight_mean": ("Sampler correction: weight pi_old / pi_sampler, mean", "weight"),
+    "policy/is_weight_max": ("Sampler correction: weight pi_old / pi_sampler, largest", "weight"),
+    "policy/is_masked_frac": ("Sampler correction: tokens the cap truncated or masked", "share of tokens"),
+    "distill/reverse_kl": ("KL(student || teacher), exact over the vocabulary", "nats / token"),
+    "distill/k1": ("KL(student || teacher), k1 estimate", "nats / token"),
+    "distill/k3": ("KL(student || teacher), k3 estimate", "nats / token"),
     "optim/skipped_updates": ("Updates skipped for a non-finite value", "updates"),
     "dpo/round": ("On-policy round", "round"),
     "dapo/filtered_frac": ("Dynamic sampling: groups replaced for having no signal", "share of groups"),
@@ -148,19 +154,20 @@ METRICS = {
 GROUPS = {  # in the order the figures are listed: what was learned first, then how
     "eval": "Held-out evaluation", "reward": "Reward of the sampled completions", "train": "Training samples",
     "loss": "Losses", "kl": "KL divergence", "policy": "Policy", "grpo": "GRPO signal",
-    "value": "Value head", "dpo": "DPO implicit rewards", "dapo": "DAPO dynamic sampling", "pairs": "Preference pairs", "rm": "Reward model (training pairs)", "optim": "Optimiser",
+    "value": "Value head", "distill": "Distillation", "dpo": "DPO implicit rewards", "dapo": "DAPO dynamic sampling", "pairs": "Preference pairs", "rm": "Reward model (training pairs)", "optim": "Optimiser",
     "perf": "Throughput and memory", "time": "Where the time goes", "env": "Episodes",
     "misc": "Other metrics",
 }
 
 CHAPTERS = {"icemaze": "Ice Maze", "pretrain": "Pretraining", "kl": "KL estimators", "grpo": "GRPO",
-            "ppo": "PPO", "dpo": "DPO", "reward-model": "Reward model"}
+            "ppo": "PPO", "dpo": "DPO", "distill": "Distillation", "reward-model": "Reward model"}
 
 # What one step of each chapter consumes, for --x samples: (config keys multiplied, unit in words).
 SAMPLES_PER_STEP = {
     "grpo": (("prompts_per_step", "group_size"), "completions"),
     "ppo": (("rollout_batch",), "completions"),
     "dpo": (("batch_size",), "pairs"),
+    "distill": (("prompts_per_step",), "completions"),
     "reward-model": (("batch_size",), "pairs"),
     "pretrain": (("batch_size",), "corpus examples"),
 }
@@ -174,6 +181,7 @@ PHASE_COLOURS = {
     "generate": "#4e79a7", "reward": "#f28e2b", "reference": "#e15759", "forward_backward": "#76b7b2",
     "optimizer": "#59a14f", "update": "#2e6b30", "data": "#edc948", "allreduce": "#b07aa1",
     "value": "#ff9da7", "score": "#9c755f", "advantages": "#bab0ac", "eval": "#8cd17d", "save": "#d4a6c8",
+    "teacher": "#e15759",
 }
 OTHER_COLOURS = ["#86bcb6", "#f1ce63", "#a0cbe8", "#ffbe7d", "#d37295", "#fabfd2", "#b6992d", "#499894"]
 

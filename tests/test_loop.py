@@ -22,6 +22,7 @@ CHAPTERS = {
              "--pass-k-prompts", "8", *MICRO_RL],
     "ppo": ["ppo", "--steps", "2", "--rollout-batch", "16", "--minibatch-size", "8", "--value-warmup", "0", *MICRO_RL],
     "dpo": ["dpo", "--rounds", "1", "--pair-prompts", "16", "--batch-size", "4", *MICRO_RL],
+    "distill": ["distill", "--steps", "2", "--prompts-per-step", "8", *MICRO_RL],
 }
 
 
@@ -42,6 +43,8 @@ def chapter_runs(tmp_path_factory, trained_micro):
     for name, args in CHAPTERS.items():
         out = root / name
         extra = [] if name == "pretrain" else ["--model", str(trained_micro[1])]
+        if name == "distill":  # the model distilled into a copy of itself: enough for the plumbing
+            extra += ["--teacher", str(trained_micro[1])]
         main([*args, *extra, "--out", str(out)])
         runs[name] = out
     main(["icemaze", "--episodes", "200", "--out", str(root / "icemaze"), "--no-plots"])
@@ -57,7 +60,7 @@ def test_every_chapter_writes_the_same_summary_keys(chapter_runs):
     assert {"chapter", "before", "after", "phase_seconds", "wall_s", "steps", "details"} <= first
     for name, k in keys.items():
         assert k == first, f"{name}: {sorted(k ^ first)}"
-    for name in ("pretrain", "grpo", "ppo", "dpo"):
+    for name in ("pretrain", "grpo", "ppo", "dpo", "distill"):
         summary = json.loads((chapter_runs[name] / "summary.json").read_text())
         assert "eval/accuracy" in summary["before"] and "eval/accuracy" in summary["after"]
         assert summary["chapter"] == name
@@ -66,7 +69,7 @@ def test_every_chapter_writes_the_same_summary_keys(chapter_runs):
 def test_every_llm_chapter_logs_the_same_phase_names_and_a_step0_eval(chapter_runs):
     from mlx_rl.tools.profile import phase_profile
 
-    for name in ("pretrain", "grpo", "ppo", "dpo"):
+    for name in ("pretrain", "grpo", "ppo", "dpo", "distill"):
         rows = read_jsonl(chapter_runs[name] / "metrics.jsonl")
         assert rows[0]["step"] == 0 and "eval/accuracy" in rows[0], name  # a held-out point at step 0
         phases = set(phase_profile(chapter_runs[name], skip_first=0))

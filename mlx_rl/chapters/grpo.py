@@ -39,12 +39,14 @@ Choices and simplifications, on purpose:
   never built.
 """
 
+import contextlib
 import dataclasses
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_rl.config import command, option
+from mlx_rl.config import MlxRlError, command, option
 from mlx_rl.chapters import grpo_family as family
 from mlx_rl.chapters.reward_model import LearnedRewardConfig, attach_reward_model
 from mlx_rl.engine import loop
@@ -57,7 +59,7 @@ from mlx_rl.engine.update import current_lr
 
 
 @dataclasses.dataclass
-class GRPOConfig(LLMConfig, family.PassAtKConfig, family.VariantConfig, LearnedRewardConfig):
+class GRPOConfig(LLMConfig, family.PassAtKConfig, family.VariantConfig, family.CorrectionConfig, LearnedRewardConfig):
     steps: int = option(60, "number of training steps (one rollout batch each)", min=1, resumable=True)
     group_size: int = option(8, "completions sampled per prompt (G)", min=2)
     prompts_per_step: int = option(32, "prompts per step (the batch is prompts_per_step x group_size)", min=1)
@@ -74,6 +76,9 @@ class GRPOConfig(LLMConfig, family.PassAtKConfig, family.VariantConfig, LearnedR
     max_new_tokens: int = option(0, "longest completion (0: the task's answer length + EOS; 64 with --data)", min=0)
     eval_every: int = option(10, "evaluate on held-out data every N steps: greedy accuracy (0: only at the start and the end)",
                              min=0, resumable=True)
+    rollout_staleness: int = option(0, "sample each step's rollouts with the policy of K steps ago, as an asynchronous "
+                                    "trainer does (a copy of the trainable weights is kept; 0: the current policy)",
+                                    min=0)
 
 
 # --- the step --------------------------------------------------------------------
@@ -82,7 +87,8 @@ class GRPOConfig(LLMConfig, family.PassAtKConfig, family.VariantConfig, LearnedR
 def make_loss_fn(cfg, variant):
     """loss_fn(model, *arrays) for the update step: the forward pass, then the variant's loss."""
 
-    def loss_fn(model, tokens, mask, advantages, old_logprobs, ref_logprobs, first, n_rows, n_tokens, shared_len=0):
+    def loss_fn(model, tokens, mask, advantages, old_logprobs, ref_logprobs, first, n_rows, n_tokens, shared_len=0,
+                sampler_logprobs=None):
         # shared_len: the group's rows share their first shared_len tokens (the prompt), run once per group;
         # the positions before shared_len - 1 predict prompt tokens, which the mask drops: not scored at all
         logprobs, entropy = token_logprobs(model, tokens, cfg.temperature, cfg.group_size, shared_len,
@@ -90,7 +96,13 @@ def make_loss_fn(cfg, variant):
         logprobs = masked(logprobs, mask)
         # At the first epoch the old policy is the current one: the same numbers, no gradient.
         old_logprobs = mx.stop_gradient(mx.where(first, logprobs, old_logprobs))
-        loss, metrics = variant.loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cfg.kl_coef, n_rows, n_tokens)
+        is_weight, is_stats = None, {}
+        if sampler_logprobs is not None:  # --is-correction: pi_old / pi_sampler, truncated or masked
+            is_weight, cut = family.is_weights(old_logprobs, sampler_logprobs, mask, cfg.is_correction, cfg.is_cap)
+            is_stats = family.is_metrics(is_weight, cut, mask, n_tokens)
+        loss, metrics = variant.loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cfg.kl_coef, n_rows, n_tokens,
+                                     is_weight)
+        metrics.update(is_stats)
         metrics["policy/entropy"] = masked(mx.stop_gradient(entropy), mask).sum() / n_tokens
         metrics["logprobs"] = mx.stop_gradient(logprobs)  # (B, T-1): the old log-probs of later epochs
         return loss, metrics
@@ -162,8 +174,58 @@ def rollout_batch(session, rows, cfg, max_new_tokens, keys=None):
     return rollout, group_rows, scores
 
 
-def grpo_step(session, cfg, variant, update, max_new_tokens):
-    """One GRPO step: rollout, rewards, advantages, epochs of updates. Returns the step's metrics."""
+class StalePolicy:
+    """--rollout-staleness K: the rollouts of step i are sampled by the policy of step i - K (the start's
+    while i < K), what a trainer sees when another process samples with the weights it had K steps ago.
+
+    Keeps the trainable weights at the start of the last K + 1 steps (the LoRA adapters only, with LoRA;
+    MLX arrays are immutable, so a snapshot shares them and costs memory, never a copy step) and swaps
+    the oldest into the model while it samples. Saved with every checkpoint, so --resume samples the
+    same tokens. K = 0 keeps nothing and swaps nothing.
+    """
+
+    FILE = "stale_policies.safetensors"
+
+    def __init__(self, model, staleness, checkpoint=None):
+        self.model, self.K, self.history = model, staleness, []  # oldest first, {name: array} each
+        if staleness and checkpoint is not None:
+            path = checkpoint / self.FILE
+            if not path.exists():
+                raise MlxRlError(f"cannot resume: {path} is missing (the stale policies are saved with the checkpoint)")
+            saved = mx.load(str(path))
+            for j in sorted({int(k.split(".", 1)[0]) for k in saved}):
+                prefix = f"{j}."
+                self.history.append({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
+
+    def start_step(self):
+        """Remember the weights this step starts from; keep the last K + 1."""
+        if self.K:
+            self.history = (self.history + [dict(tree_flatten(self.model.trainable_parameters()))])[-(self.K + 1):]
+
+    @contextlib.contextmanager
+    def sampling(self):
+        """The sampler's weights (the oldest kept) in the model while the block runs; the current ones after."""
+        if not self.K:
+            yield
+            return
+        current = self.model.trainable_parameters()
+        self.model.update(tree_unflatten(list(self.history[0].items())))
+        try:
+            yield
+        finally:
+            self.model.update(current)
+
+    def arrays(self):
+        """What the checkpoint keeps: the last K snapshots (the next step adds its own)."""
+        if not self.K:
+            return {}
+        return {self.FILE: {f"{j}.{k}": v for j, snap in enumerate(self.history[-self.K:]) for k, v in snap.items()}}
+
+
+def grpo_step(session, cfg, variant, update, max_new_tokens, stale=None):
+    """One GRPO step: rollout, rewards, advantages, epochs of updates. Returns the step's metrics.
+
+    stale: a StalePolicy (--rollout-staleness); the rollout is sampled with its weights."""
     world, timer, task = session.world, session.timer, session.task
     G = cfg.group_size
     pad_id = session.tokenizer.pad_token_id or 0
@@ -171,9 +233,10 @@ def grpo_step(session, cfg, variant, update, max_new_tokens):
     # each row samples from its own key, so the completions don't depend on how the batch is split.
     all_rows = family.draw_prompts(session, cfg, variant)
     keys = row_keys(len(all_rows) * G, world, rows_per_item=G)
-    rollout, group_rows, scores = rollout_batch(session, world.shard(all_rows), cfg, max_new_tokens, keys)
-    rollout, group_rows, scores, refill_stats = family.refill(session, cfg, variant, rollout, group_rows, scores,
-                                                              max_new_tokens)  # DAPO
+    with stale.sampling() if stale is not None else contextlib.nullcontext():  # the policy of K steps ago samples
+        rollout, group_rows, scores = rollout_batch(session, world.shard(all_rows), cfg, max_new_tokens, keys)
+        rollout, group_rows, scores, refill_stats = family.refill(session, cfg, variant, rollout, group_rows, scores,
+                                                                  max_new_tokens)  # DAPO
     with timer("reward"):
         rewards = scores.total.reshape(-1, G)  # (P, G) this rank's groups
         rewards = rewards + variant.overlong_penalty(np.asarray(rollout.lengths), max_new_tokens).reshape(-1, G)
@@ -222,9 +285,10 @@ def grpo_step(session, cfg, variant, update, max_new_tokens):
             mx.eval(ref_logprobs)
 
     old_logprobs, per_epoch = mx.zeros(mask.shape), []
+    correction = (sampler_logprobs,) if cfg.is_correction != "none" else ()  # the sampler's log-probs, for the weight
     for epoch in range(cfg.epochs):
         loss, metrics, grad_norm = update(tokens, mask, advantages, old_logprobs, ref_logprobs, mx.array(epoch == 0),
-                                          n_rows, n_tokens, shared_len)
+                                          n_rows, n_tokens, shared_len, *correction)
         if epoch == 0:
             old_logprobs = metrics["logprobs"]  # log pi_old: the policy that sampled, before any update
             mismatch = mx.abs(masked(sampler_logprobs - old_logprobs, mask)).sum() / n_tokens
@@ -260,9 +324,11 @@ def train(cfg):
     optimizer = session.optimizer(cfg.lr, cfg.steps, cfg.warmup, cfg.weight_decay, cfg.lr_schedule,
                                   updates_per_step=cfg.epochs)
     update = session.update_step(make_loss_fn(cfg, variant), optimizer)
+    stale = StalePolicy(session.model, cfg.rollout_staleness, session.checkpoint)
 
     def step(i):
-        row, samples = grpo_step(session, cfg, variant, update, N)
+        stale.start_step()
+        row, samples = grpo_step(session, cfg, variant, update, N, stale)
         row["optim/lr"] = current_lr(optimizer)
         if cfg.eval_every and (i + 1) % cfg.eval_every == 0:
             session.run.log_samples(i + 1, samples)
@@ -273,7 +339,7 @@ def train(cfg):
     if env is not None:
         signals.update(episode_signals(session.task))
     return loop.run(session, step, steps=cfg.steps, details=family.pass_at_k_details(session, cfg),
-                    signals=signals)
+                    signals=signals, chapter_arrays=stale.arrays)
 
 
 def episode_signals(task):

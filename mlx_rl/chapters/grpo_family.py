@@ -79,6 +79,19 @@ class VariantConfig:
                                                    "a built-in task's answer length; others 0)", min=0)
 
 
+IS_CORRECTIONS = ("none", "token-tis", "token-mask", "seq-tis", "seq-mask")
+
+
+@dataclasses.dataclass
+class CorrectionConfig:
+    """The sampler correction (GRPO, PPO): an importance weight between the policy that sampled and the trainer's."""
+
+    is_correction: str = option("none", "weight each token's policy term by pi_old / pi_sampler: per token or per "
+                                "sequence, truncated at --is-cap (tis) or zeroed above it (mask); none: no weight",
+                                choices=list(IS_CORRECTIONS))
+    is_cap: float = option(3.0, "the importance weight's cap C (--is-correction)", above=0.0)
+
+
 # --- advantages: rewards (P, G) -> advantages (P, G), zero_signal (P,) ----------------------------
 
 
@@ -136,6 +149,42 @@ def sequence_ratio(log_ratio, mask):
     n = mx.maximum(mask.sum(axis=1, keepdims=True), 1.0)  # (B, 1)
     mean_logratio = log_ratio.sum(axis=1, keepdims=True) / n  # (B, 1): the inputs are masked already
     return mx.broadcast_to(mx.exp(mean_logratio), log_ratio.shape)
+
+
+# --- the sampler correction: pi_old / pi_sampler, truncated or masked -------------------------------------
+
+
+def is_weights(old_logprobs, sampler_logprobs, mask, mode, cap):
+    """The importance weight between the policy that sampled a rollout and the trainer's old policy.
+
+        token level      w_it = pi_old(o_it) / pi_sampler(o_it) = exp(log pi_old - log pi_sampler)
+        sequence level   w_i  = prod_t w_it = exp(sum_t (log pi_old - log pi_sampler)), every token of o_i
+        tis  (truncate)  w <- min(w, C)                 (truncated importance sampling)
+        mask             w <- 0 where w > C, else w     (the token, or the whole sequence, is dropped)
+
+    as TRL defines `vllm_importance_sampling_mode` (token_truncate, token_mask, sequence_truncate,
+    sequence_mask; cap 3.0) and veRL's rollout correction its truncated weights (rollout_is token /
+    sequence), log-ratios bounded to +-20 before the exp as veRL does. The weight multiplies the policy
+    term of each token, not the KL penalty (as in both). It is a constant: no gradient flows through it.
+    The PPO ratio pi / pi_old still corrects for the trainer's own updates; this weight corrects for the
+    sampler being another policy (an older copy, another kernel, quantised weights).
+    (B, T) x 3 -> weights (B, T), cut (B, T) bool: where the cap changed the weight.
+    """
+    log_w = masked(old_logprobs - sampler_logprobs, mask)  # (B, T): padding and environment tokens 0
+    if mode.startswith("seq"):
+        log_w = log_w.sum(axis=1, keepdims=True)  # (B, 1)
+    w = mx.exp(mx.clip(log_w, -20.0, 20.0))
+    cut = w > cap
+    w = mx.minimum(w, cap) if mode.endswith("tis") else mx.where(cut, 0.0, w)
+    return mx.stop_gradient(mx.broadcast_to(w, mask.shape)), mx.broadcast_to(cut, mask.shape)
+
+
+def is_metrics(weights, cut, mask, n_tokens):
+    """policy/is_weight_mean, _max and policy/is_masked_frac (the share of tokens the cap truncated or masked)."""
+    share = lambda x: masked(x, mask).sum() / n_tokens  # noqa: E731
+    return {"policy/is_weight_mean": share(weights),
+            "policy/is_weight_max": mx.where(mask > 0, weights, -mx.inf).max(),
+            "policy/is_masked_frac": share(cut.astype(mx.float32))}
 
 
 # --- objectives: per-token terms to maximise, and which tokens the clip touched ----------------------
@@ -238,12 +287,15 @@ class Variant:
     def overlong_penalty(self, lengths, max_len):
         return overlong_penalty(lengths, max_len, self.overlong_buffer)
 
-    def loss(self, logprobs, old_logprobs, ref_logprobs, advantages, mask, kl_coef, n_rows, n_tokens):
-        """-J and its metrics. Per-token arrays (B, T) (masked already), advantages (B,), counts global."""
+    def loss(self, logprobs, old_logprobs, ref_logprobs, advantages, mask, kl_coef, n_rows, n_tokens, is_weight=None):
+        """-J and its metrics. Per-token arrays (B, T) (masked already), advantages (B,), counts global.
+        is_weight: (B, T) the sampler correction's weights (is_weights), or None."""
         aggregate = AGGREGATE[self.loss_agg]
         log_ratio = logprobs - old_logprobs  # (B, T)
         ratio = self.ratio_fn(log_ratio, mask)  # (B, T)
         terms, clipped = self.objective_fn(ratio, advantages, logprobs, self.eps_low, self.eps_high)
+        if is_weight is not None:
+            terms = terms * is_weight  # the policy term only: the KL penalty is not reweighted
         policy_loss = -aggregate(terms, mask, n_rows, n_tokens, self.length)
         loss, metrics = policy_loss, {"loss/policy": policy_loss}
         if kl_coef > 0:  # with kl_coef = 0 the reference log-probs are never looked at

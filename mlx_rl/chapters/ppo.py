@@ -61,7 +61,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_rl.chapters.grpo import completion_width, episode_metrics, episode_signals, pad_columns
-from mlx_rl.chapters.grpo_family import PassAtKConfig, approx_kl, pass_at_k_details
+from mlx_rl.chapters.grpo_family import CorrectionConfig, PassAtKConfig, approx_kl, is_metrics, is_weights, pass_at_k_details
 from mlx_rl.chapters.kl import k1, k3
 from mlx_rl.chapters.reward_model import LearnedRewardConfig, attach_reward_model
 from mlx_rl.config import MlxRlError, command, option
@@ -81,7 +81,7 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 @dataclasses.dataclass
-class PPOConfig(LLMConfig, PassAtKConfig, LearnedRewardConfig):
+class PPOConfig(LLMConfig, PassAtKConfig, CorrectionConfig, LearnedRewardConfig):
     steps: int = option(30, "number of training steps (one rollout batch, then epochs of minibatch updates)", min=1,
                         resumable=True)
     rollout_batch: int = option(256, "prompts per step, one sampled completion each", min=1)
@@ -178,11 +178,12 @@ def whiten(x, mask, eps=1e-8):
     return (x - mean) * mx.rsqrt(var + eps) * mask
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, n_tokens=None):
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, n_tokens=None, is_weight=None):
     """PPO's clipped surrogate, mean over completion tokens. (B, T) each -> (loss, metrics).
 
     n_tokens: the minibatch's token count over all ranks (default: this batch's), so that
     each rank's loss is its share of the global mean.
+    is_weight: (B, T) the sampler correction's weight of each token's term (--is-correction), or None.
     """
     n_tokens = mask.sum() if n_tokens is None else n_tokens
     logprobs, old_logprobs, advantages = (masked(x, mask) for x in (logprobs, old_logprobs, advantages))
@@ -191,7 +192,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, n_tokens=Non
     unclipped = -advantages * ratio
     clipped = -advantages * mx.clip(ratio, 1 - clip_eps, 1 + clip_eps)
     share = lambda x: masked(x, mask).sum() / n_tokens  # noqa: E731
-    loss = share(mx.maximum(unclipped, clipped))  # pessimistic: the worse of the two
+    surrogate = mx.maximum(unclipped, clipped)  # pessimistic: the worse of the two
+    loss = share(surrogate if is_weight is None else surrogate * is_weight)
     ratio = mx.stop_gradient(ratio)
     metrics = {
         "policy/clipfrac": share((clipped > unclipped).astype(mx.float32)),
@@ -239,9 +241,9 @@ def adapt_kl_coef(kl_coef, kl, kl_target, n, horizon):
 
 
 def make_policy_loss(clip_eps, temperature):
-    def loss_fn(model, tokens, mask, old_logprobs, advantages, n_tokens):
+    def loss_fn(model, tokens, mask, old_logprobs, advantages, n_tokens, is_weight=None):
         logprobs, entropy = token_logprobs(model, tokens, temperature)  # (B, T-1) x 2
-        loss, metrics = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, n_tokens)
+        loss, metrics = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, n_tokens, is_weight)
         return loss, {**metrics, "policy/entropy": masked(mx.stop_gradient(entropy), mask).sum() / n_tokens}
 
     return loss_fn
@@ -347,6 +349,10 @@ def ppo_step(cfg, session, value_head, update_policy, update_value, kl_coef, ste
             "kl/sequence": masked(kl_per_token, mask).sum() / B,  # per completion: what --kl-target aims at
             "policy/sampler_mismatch": masked_mean(mx.abs(sampler_logprobs - old_logprobs), mask),
         }
+        weights = None
+        if cfg.is_correction != "none":  # pi_old / pi_sampler per token (or sequence), truncated or masked
+            weights, cut = is_weights(old_logprobs, sampler_logprobs, mask, cfg.is_correction, cfg.is_cap)
+            stats.update(is_metrics(weights, cut, mask, mask.sum()))
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask)
         mx.eval(advantages, returns, stats)
@@ -364,7 +370,9 @@ def ppo_step(cfg, session, value_head, update_policy, update_value, kl_coef, ste
             for idx in first_epoch if epoch == 0 else minibatches(rng, B, cfg.minibatch_size):
                 n_tokens = mask[idx].sum()  # the whole minibatch's: each rank's loss is its share
                 idx = world.shard(idx)
-                loss, metrics, grad_norm = update_policy(tokens[idx], mask[idx], old_logprobs[idx], advantages[idx], n_tokens)
+                correction = () if weights is None else (weights[idx],)
+                loss, metrics, grad_norm = update_policy(tokens[idx], mask[idx], old_logprobs[idx], advantages[idx], n_tokens,
+                                                         *correction)
                 metrics = world.reduce_metrics({k: v.item() for k, v in metrics.items()})
                 ratio_min, ratio_max = min(ratio_min, metrics.pop("policy/ratio_min")), max(ratio_max, metrics.pop("policy/ratio_max"))
                 add({**metrics, "loss/policy": loss.item(), "optim/grad_norm": grad_norm.item()})
