@@ -71,7 +71,7 @@ ESTIMATORS = ("exact", "k1", "k2", "k3")
 class DistillConfig(LLMConfig):
     teacher: typing.Optional[str] = option(None, "the teacher's checkpoint directory (required; the same vocabulary as "
                                            "the student's)")
-    steps: int = option(40, "number of distillation steps (one rollout batch each)", min=1, resumable=True)
+    steps: int = option(40, "number of training steps (one rollout batch each)", min=1, resumable=True)
     prompts_per_step: int = option(64, "prompts per step, one completion each", min=1)
     kl_estimator: str = option("exact", "the per-token loss: exact (full-vocabulary reverse KL), k1 (sampled, through "
                                "the score function), k2 or k3 (sampled, differentiated directly)",
@@ -79,9 +79,9 @@ class DistillConfig(LLMConfig):
     off_policy: bool = option(False, "train on the teacher's samples instead (cross-entropy: SFT on distilled data)")
     lr: float = option(3e-4, "learning rate (AdamW)", above=0.0, resumable=True)
     warmup: int = option(0, "linear learning-rate warm-up steps", min=0)
-    temperature: float = option(1.0, "sampling temperature (and of both distributions compared)", above=0.0)
+    temperature: float = option(1.0, "sampling temperature of the rollouts (and of both distributions compared)", above=0.0)
     max_new_tokens: int = option(0, "longest completion (0: the task's answer length + EOS; 64 with --data)", min=0)
-    eval_every: int = option(5, "evaluate held-out greedy accuracy every N steps (0: only at the start and the end)",
+    eval_every: int = option(5, "evaluate on held-out data every N steps: greedy accuracy (0: only at the start and the end)",
                              min=0, resumable=True)
 
 
