@@ -243,6 +243,26 @@ def task_defaults_help(command_name, field_name):
     return f" [--task {', '.join(own)}]" if own else ""
 
 
+def resolve(name, cls, given, config_file=None):
+    """The config a command runs with: defaults < the task's own defaults < a config file < `given`
+    (with `resume` in `given`: the run's saved settings, which `given` may change only where resumable).
+
+    The one path from settings to a checked config, for the CLI (`given`: the flags typed) and the
+    Python API (`given`: keyword arguments; mlx_rl/api.py).
+    """
+    file_values = {}
+    if config_file:
+        file_values.update(read_config_file(config_file))
+    task = given.get("task", file_values.get("task"))
+    file_values = {**task_defaults(name, task), **file_values}  # a task's own defaults, under everything given
+    if given.get("resume"):
+        saved = read_run_config(given["resume"], name)
+        checked = dict(check_value(cls, k, v, "on the command line") for k, v in given.items())
+        check_resume_changes(cls, saved, checked)
+        file_values = {**file_values, **saved}  # the run's own settings win over a --config file
+    return build(cls, file_values, given)
+
+
 def command(name, cls, run, help):
     """A click command with one option per field of `cls`; it calls `run(cfg)`."""
     from click.core import ParameterSource
@@ -251,18 +271,7 @@ def command(name, cls, run, help):
         ctx = click.get_current_context()
         config_file = kwargs.pop("config")
         given = {k: v for k, v in kwargs.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
-        file_values = {}
-        if config_file:
-            file_values.update(read_config_file(config_file))
-        task = given.get("task", file_values.get("task"))
-        file_values = {**task_defaults(name, task), **file_values}  # a task's own defaults, under everything given
-        if kwargs.get("resume"):
-            saved = read_run_config(kwargs["resume"], name)
-            checked = {k: check_value(cls, k, v, "on the command line")[1] for k, v in given.items()}
-            check_resume_changes(cls, saved, checked)
-            file_values = {**file_values, **saved}  # the run's own settings win over a --config file
-        cfg = build(cls, file_values, given)
-        return run(cfg)
+        return run(resolve(name, cls, given, config_file))
 
     params = [click.Option(["-c", "--config"], type=click.Path(dir_okay=False),
                            help="YAML or JSON file of settings (snake_case or kebab-case keys); flags given here win")]
@@ -289,4 +298,6 @@ def command(name, cls, run, help):
             click_type = click.Choice([str(c) for c in f.metadata["choices"]])
         params.append(click.Option(flags + [f.name], type=click_type, default=f.default, show_default=f.default is not None,
                                    help=help_text))
-    return click.Command(name, callback=callback, params=params, help=help)
+    cmd = click.Command(name, callback=callback, params=params, help=help)
+    cmd.config_class, cmd.run_config = cls, run  # what the Python API (mlx_rl/api.py) calls, without click
+    return cmd
