@@ -74,8 +74,9 @@ from mlx_rl.runs import atomic_write_json, read_json
 @dataclasses.dataclass
 class DPOConfig(LLMConfig):
     steps: int = option(0, "stop after this many steps in all (0: no limit; rounds x epochs decide)", min=0, resumable=True)
-    pairs: typing.Optional[str] = option(None, "JSONL file of preference pairs in TRL's formats (default: build pairs "
-                                         "on-policy from the task and its reward)")
+    pairs: typing.Optional[str] = option(None, "file of preference pairs in TRL's formats, JSONL or any --data format; "
+                                         "--columns renames its columns too (default: build pairs on-policy from the "
+                                         "task and its reward)")
     rounds: int = option(6, "on-policy rounds: sample fresh pairs from the current policy, train on them (--pairs: one "
                          "round)", min=1, resumable=True)
     epochs: int = option(1, "passes over each round's pairs", min=1)
@@ -210,7 +211,7 @@ def prepare_pairs(cfg, session, round_index):
     model, tokenizer, task, run, timer = session.model, session.tokenizer, session.task, session.run, session.timer
     metrics = {}
     if cfg.pairs:
-        pairs = tokenize_pairs(read_pairs(cfg.pairs), tokenizer, cfg.chat_template)
+        pairs = tokenize_pairs(read_pairs(cfg.pairs, cfg.columns), tokenizer, cfg.chat_template)
         metrics["pairs/count"] = len(pairs)
     else:
         rows = task.train_rows(np.random.default_rng([cfg.seed * 1000 + round_index, 0]), cfg.pair_prompts, distinct=True)
@@ -233,7 +234,7 @@ def prepare_pairs(cfg, session, round_index):
 def train(cfg):
     resolve_policy_model(cfg)
     if cfg.pairs:
-        read_pairs(cfg.pairs)  # a bad pair file stops here, in one line, before a model is loaded or a run is written
+        read_pairs(cfg.pairs, cfg.columns)  # a bad pair file stops here, in one line, before a model is loaded or a run is written
     session = start("dpo", cfg)
     tokenizer, world, run = session.tokenizer, session.world, session.run
     pad_id = tokenizer.pad_token_id or 0
@@ -306,7 +307,10 @@ class PairsConfig:
     out: str = option("pairs.jsonl", "JSONL file to write")
     model: typing.Optional[str] = option(None, "checkpoint to sample from (default: the newest pretrain run for the task)")
     task: str = option("addition", "task whose reward ranks the answers (see `mlx-rl tasks`)")
-    data: typing.Optional[str] = option(None, "your own prompts (JSONL) instead of a built-in task; needs --reward")
+    data: typing.Optional[str] = option(None, "your own prompts (JSONL, JSON, CSV, Parquet or a save_to_disk folder) "
+                                        "instead of a built-in task; needs --reward")
+    columns: typing.Optional[str] = option(None, "rename the data's columns, NAME=COLUMN, comma-separated: "
+                                           "prompt=question,answer=solution")
     reward: typing.Tuple[str, ...] = option((), "reward(s) that rank the answers (default: the task's own)")
     reward_weights: typing.Tuple[float, ...] = option((), "weights of the --reward functions, comma-separated")
     digits: int = option(2, "addition: operand digits", min=1, max=6)
