@@ -42,6 +42,12 @@ def option(default, help, *, aliases=(), resumable=False, **checks):
     return dataclasses.field(default=default, metadata=meta)
 
 
+def log_to_option():
+    return option((), "also log metrics, config and samples to tensorboard (RUN/tensorboard), wandb or trackio; repeat "
+                  "for several (each an extra: pip install 'mlx-rl[tensorboard]')",
+                  choices=("tensorboard", "wandb", "trackio"), resumable=True)
+
+
 @dataclasses.dataclass
 class RunConfig:
     """Fields every training command shares."""
@@ -51,6 +57,7 @@ class RunConfig:
     steps: int = option(100, "number of training steps", min=1, resumable=True)
     resume: typing.Optional[str] = option(None, "continue a run directory from its last checkpoint (a finished run: "
                                           "extend it with a larger --steps)")
+    log_to: typing.Tuple[str, ...] = log_to_option()
 
 
 # Fields that say where a run lives, not what it does: not read from --config files.
