@@ -73,6 +73,10 @@ def test_tensorboard_holds_the_metrics_config_and_samples(tmp_path, micro_checkp
         rows = [r for r in logged if r.get("split", "eval") == split]
         assert set(texts) == {r["step"] for r in rows} and rows
         assert all(f"| {r['prompt']} | {r['completion']} |" in texts[r["step"]] for r in rows)
+    main(["grpo", "--resume", str(out), "--steps", "3"])  # a resumed run adds its steps to the same folder
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("reward/mean")] == [1, 2, 3]
 
 
 def read_wandb_records(path):
