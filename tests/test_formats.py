@@ -10,9 +10,9 @@ from mlx_rl.config import MlxRlError
 from mlx_rl.data import pairs
 from mlx_rl.data.datasets import load_corpus, load_prompts
 
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
-datasets = pytest.importorskip("datasets")
+import datasets  # noqa: E402  (the test extra: pip install -e '.[test]')
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 
 ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(3)]  # 30 rows
 

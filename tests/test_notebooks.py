@@ -17,7 +17,8 @@ SLOW = ("agents", "reward_model")  # notebooks that take over ~30 s at the small
 
 
 def read(path):
-    nbformat = pytest.importorskip("nbformat")
+    import nbformat  # the test extra (nbformat, nbclient, ipykernel): pip install -e '.[test]'
+
     return nbformat.read(path, as_version=4)
 
 
@@ -47,8 +48,9 @@ def test_committed_notebooks_have_no_outputs(path):
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW else p for p in NOTEBOOKS],
                          ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    import nbclient
+    import nbformat
+
     book = read(path)
     at = parameter_cell(book)
     names = set(re.findall(r"^([A-Z_]+) = ", book.cells[at].source, re.M))

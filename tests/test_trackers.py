@@ -49,7 +49,6 @@ def test_a_missing_extra_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_tensorboard_holds_the_metrics_config_and_samples(tmp_path, micro_checkpoint):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
@@ -101,7 +100,6 @@ def read_wandb_records(path):
 
 
 def test_wandb_offline_run_holds_the_metrics_config_and_samples(tmp_path, micro_checkpoint, monkeypatch):
-    pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
@@ -140,7 +138,6 @@ print("LOGS " + json.dumps({"logs": SQLiteStorage.get_logs("mlx-rl", run="run"),
 
 
 def test_trackio_local_store_holds_the_metrics_and_config(tmp_path, micro_checkpoint):
-    pytest.importorskip("trackio")
     env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "PYTHONPATH": os.getcwd()}
     out = tmp_path / "run"  # trackio reads TRACKIO_DIR when imported: a fresh process
     done = subprocess.run([sys.executable, "-c", TRACKIO_SCRIPT, str(micro_checkpoint), str(out)], env=env,
