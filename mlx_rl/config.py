@@ -42,6 +42,12 @@ def option(default, help, *, aliases=(), resumable=False, **checks):
     return dataclasses.field(default=default, metadata=meta)
 
 
+def log_to_option():
+    return option((), "also log metrics, config and samples to tensorboard (RUN/tensorboard), wandb or trackio; repeat "
+                  "for several (each an extra: pip install 'mlx-rl[tensorboard]')",
+                  choices=("tensorboard", "wandb", "trackio"), resumable=True)
+
+
 @dataclasses.dataclass
 class RunConfig:
     """Fields every training command shares."""
@@ -51,6 +57,7 @@ class RunConfig:
     steps: int = option(100, "number of training steps", min=1, resumable=True)
     resume: typing.Optional[str] = option(None, "continue a run directory from its last checkpoint (a finished run: "
                                           "extend it with a larger --steps)")
+    log_to: typing.Tuple[str, ...] = log_to_option()
 
 
 # Fields that say where a run lives, not what it does: not read from --config files.
@@ -293,6 +300,29 @@ def task_defaults_help(command_name, field_name):
     return f" [--task {', '.join(own)}]" if own else ""
 
 
+def resolve(name, cls, given, config_file=None):
+    """The config a command runs with: defaults < the task's own defaults < a config file < `given`
+    (with `resume` in `given`: the run's saved settings, which `given` may change only where resumable).
+
+    The one path from settings to a checked config, for the CLI (`given`: the flags typed) and the
+    Python API (`given`: keyword arguments; mlx_rl/api.py).
+    """
+    file_values = {}
+    if config_file:
+        data = read_config_file(config_file)
+        check_file_keys(data, config_file, name)
+        alias_notes(cls, [k for k in data if str(k).replace("-", "_") not in RUN_ONLY_FIELDS], "key")
+        file_values.update(data)
+    task = given.get("task", file_values.get("task"))
+    file_values = {**task_defaults(name, task), **file_values}  # a task's own defaults, under everything given
+    if given.get("resume"):
+        saved = read_run_config(given["resume"], name)
+        checked = dict(check_value(cls, k, v, "on the command line") for k, v in given.items())
+        check_resume_changes(cls, saved, checked)
+        file_values = {**file_values, **saved}  # the run's own settings win over a --config file
+    return build(cls, file_values, given)
+
+
 def command(name, cls, run, help):
     """A click command with one option per field of `cls`; it calls `run(cfg)`."""
     from click.core import ParameterSource
@@ -301,21 +331,7 @@ def command(name, cls, run, help):
         ctx = click.get_current_context()
         config_file = kwargs.pop("config")
         given = {k: v for k, v in kwargs.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
-        file_values = {}
-        if config_file:
-            data = read_config_file(config_file)
-            check_file_keys(data, config_file, name)
-            alias_notes(cls, [k for k in data if str(k).replace("-", "_") not in RUN_ONLY_FIELDS], "key")
-            file_values.update(data)
-        task = given.get("task", file_values.get("task"))
-        file_values = {**task_defaults(name, task), **file_values}  # a task's own defaults, under everything given
-        if kwargs.get("resume"):
-            saved = read_run_config(kwargs["resume"], name)
-            checked = {k: check_value(cls, k, v, "on the command line")[1] for k, v in given.items()}
-            check_resume_changes(cls, saved, checked)
-            file_values = {**file_values, **saved}  # the run's own settings win over a --config file
-        cfg = build(cls, file_values, given)
-        return run(cfg)
+        return run(resolve(name, cls, given, config_file))
 
     params = [click.Option(["-c", "--config"], type=click.Path(dir_okay=False),
                            help="YAML or JSON file of settings (snake_case or kebab-case keys); flags given here win")]
@@ -342,4 +358,6 @@ def command(name, cls, run, help):
             click_type = click.Choice([str(c) for c in f.metadata["choices"]])
         params.append(click.Option(flags + [f.name], type=click_type, default=f.default, show_default=f.default is not None,
                                    help=help_text))
-    return SettingsCommand(name, callback=callback, params=params, help=help, settings_cls=cls)
+    cmd = SettingsCommand(name, callback=callback, params=params, help=help, settings_cls=cls)
+    cmd.config_class, cmd.run_config = cls, run  # what the Python API (mlx_rl/api.py) calls, without click
+    return cmd

@@ -9,6 +9,7 @@ Every training command writes the same layout:
     RUN/plots/*.png      curves drawn from metrics.jsonl
     RUN/checkpoint/      the latest mlx-lm checkpoint (+ trainer_state.* for --resume)
     RUN/summary.json     final figures, the same keys in every chapter (docs/metrics.md)
+    RUN/tensorboard/     with --log-to tensorboard (W&B and trackio: engine/trackers.py)
 
 What keeps a run safe when it is killed at any moment:
 - a step's metrics line is written (and flushed to disk) *before* the checkpoint
@@ -32,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 from mlx_rl.config import MlxRlError, to_dict
+from mlx_rl.engine.trackers import Trackers
 
 
 def json_safe(obj):
@@ -182,6 +184,7 @@ class Run:
         self.plots_dir = self.path / "plots"
         self.checkpoint_dir = self.path / "checkpoint"
         self.writer = writer  # False on the other ranks of a data-parallel run: they write nothing
+        self.trackers = Trackers()  # --log-to: the same config, metrics and samples to TensorBoard, W&B, trackio
 
     @classmethod
     def create(cls, command, config, runtime, writer=True):
@@ -218,7 +221,14 @@ class Run:
 
     def write_config(self, command, runtime):
         if self.writer:
-            atomic_write_json(self.path / "config.json", {**to_dict(self.config), "command": command, "runtime": runtime})
+            config = {**to_dict(self.config), "command": command, "runtime": runtime}
+            atomic_write_json(self.path / "config.json", config)
+            names = tuple(getattr(self.config, "log_to", ()) or ())
+            if names and not self.trackers.open:
+                import atexit
+
+                self.trackers = Trackers(names, self.path, config)
+                atexit.register(self.trackers.close)  # a run stopped early still flushes what it logged
 
     @property
     def wall_s(self):
@@ -232,6 +242,7 @@ class Run:
                 f.write(dumps(row) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+            self.trackers.log(step, row)
         return row
 
     def log_samples(self, step, rows):
@@ -239,6 +250,7 @@ class Run:
             with open(self.path / "samples.jsonl", "a") as f:
                 for r in rows:
                     f.write(dumps({"step": int(step), **r}) + "\n")
+            self.trackers.samples(step, json_safe(rows))
 
     def metrics(self):
         return read_jsonl(self.path / "metrics.jsonl")
@@ -246,6 +258,7 @@ class Run:
     def write_summary(self, summary):
         if self.writer:
             atomic_write_json(self.path / "summary.json", summary)
+            self.trackers.close()
         return json_safe(summary)
 
 

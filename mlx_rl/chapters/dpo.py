@@ -77,8 +77,9 @@ class DPOConfig(LLMConfig):
     steps: int = option(0, "number of training steps at most (0: no limit; rounds x epochs decide)", min=0, resumable=True)
     resume: typing.Optional[str] = option(None, "continue a run directory from its last checkpoint (a finished run: "
                                           "extend it with a larger --rounds)")
-    pairs: typing.Optional[str] = option(None, "preference pairs in TRL's formats, a JSONL file (default: build pairs "
-                                         "on-policy from the task and its reward)")
+    pairs: typing.Optional[str] = option(None, "preference pairs in TRL's formats, a JSONL file or any --data format; "
+                                         "--columns renames its columns too (default: build pairs on-policy from the "
+                                         "task and its reward)")
     rounds: int = option(6, "on-policy rounds: sample fresh pairs from the current policy, train on them (--pairs: one "
                          "round)", min=1, resumable=True)
     epochs: int = option(1, "passes over each batch of collected data (a round's pairs)", min=1)
@@ -215,7 +216,7 @@ def prepare_pairs(cfg, session, round_index):
     model, tokenizer, task, run, timer = session.model, session.tokenizer, session.task, session.run, session.timer
     metrics = {}
     if cfg.pairs:
-        pairs = tokenize_pairs(read_pairs(cfg.pairs), tokenizer, cfg.chat_template)
+        pairs = tokenize_pairs(read_pairs(cfg.pairs, cfg.columns), tokenizer, cfg.chat_template)
         metrics["pairs/count"] = len(pairs)
     else:
         rows = task.train_rows(np.random.default_rng([cfg.seed * 1000 + round_index, 0]), cfg.pair_prompts, distinct=True)
@@ -238,7 +239,7 @@ def prepare_pairs(cfg, session, round_index):
 def train(cfg):
     resolve_policy_model(cfg)
     if cfg.pairs:
-        read_pairs(cfg.pairs)  # a bad pair file stops here, in one line, before a model is loaded or a run is written
+        read_pairs(cfg.pairs, cfg.columns)  # a bad pair file stops here, in one line, before a model is loaded or a run is written
     session = start("dpo", cfg)
     tokenizer, world, run = session.tokenizer, session.world, session.run
     pad_id = tokenizer.pad_token_id or 0
@@ -311,7 +312,10 @@ class PairsConfig:
     out: str = option("pairs.jsonl", "where to write: the JSONL file of pairs (an existing file is kept unless --force)")
     model: typing.Optional[str] = option(None, "checkpoint to sample from (default: the newest pretrain run for the task)")
     task: str = option("addition", "built-in task whose reward ranks the answers (see `mlx-rl tasks`)")
-    data: typing.Optional[str] = option(None, "your own data: a JSONL file of prompts, instead of a built-in task; needs --reward")
+    data: typing.Optional[str] = option(None, "your own data: prompts (JSONL, JSON, CSV, Parquet or a save_to_disk "
+                                        "folder) instead of a built-in task; needs --reward")
+    columns: typing.Optional[str] = option(None, "rename the data's columns to the ones mlx-rl reads, NAME=COLUMN, comma-separated: "
+                                           "prompt=question,answer=solution")
     reward: typing.Tuple[str, ...] = option((), "reward: a built-in name or path/to/file.py:function that ranks the answers; repeat for several "
                                             "(default: the task's own)")
     reward_weights: typing.Tuple[float, ...] = option((), "weights of the --reward functions, comma-separated")

@@ -45,7 +45,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from mlx_rl.config import MlxRlError, command, option
+from mlx_rl.config import MlxRlError, command, log_to_option, option
 from mlx_rl.engine.live import LiveLine, fmt_duration
 from mlx_rl.runs import Run, atomic_write_json, check_out_dir
 
@@ -78,6 +78,7 @@ def default_episodes_help():
 @dataclasses.dataclass
 class IceMazeConfig:
     out: typing.Optional[str] = option(None, "where to write: the run directory (default: runs/icemaze-<date>-<time>)")
+    log_to: typing.Tuple[str, ...] = log_to_option()
     seed: int = option(0, "random seed for random maps, exploration, initialisation and evaluation")
     map: str = option(
         "4x4",

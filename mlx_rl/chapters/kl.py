@@ -48,7 +48,7 @@ import typing
 import mlx.core as mx
 import numpy as np
 
-from mlx_rl.config import MlxRlError, command, option
+from mlx_rl.config import MlxRlError, command, log_to_option, option
 
 COLORS = {"k1": "tab:blue", "k2": "tab:orange", "k3": "tab:green"}
 
@@ -117,6 +117,7 @@ class KLConfig:
     """Settings of `mlx-rl kl`. Not a RunConfig: nothing is trained, so no steps or --resume."""
 
     out: typing.Optional[str] = option(None, "where to write: the run directory (default: runs/kl-<date>-<time>)")
+    log_to: typing.Tuple[str, ...] = log_to_option()
     seed: int = option(0, "random seed for distributions, noise and sampling")
     model: typing.Optional[str] = option(None, "checkpoint of the reference (default: a new random tiny model)")
     model_b: typing.Optional[str] = option(None, "policy checkpoint (default: the reference with --noise added)")

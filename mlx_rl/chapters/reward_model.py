@@ -359,7 +359,7 @@ def labelled_splits(task, cfg):
 def load_pair_splits(cfg, task):
     """(train records, held-out records): from --pairs, or from the labeller (then written to RUN/pairs/)."""
     if cfg.pairs:
-        data = load_pairs(cfg.pairs, seed=cfg.seed, valid_share=cfg.valid_share)
+        data = load_pairs(cfg.pairs, seed=cfg.seed, valid_share=cfg.valid_share, columns=cfg.columns)
         if not data.valid:
             raise MlxRlError(f"--pairs {cfg.pairs}: no held-out pairs (add valid.jsonl, or a --valid-share above 0)")
         return data.train, data.valid

@@ -77,12 +77,12 @@ def prompt_key(row):
     return f"{row.get('system') or ''}\1" + json.dumps(prompt, sort_keys=True, ensure_ascii=False)
 
 
-def load_prompts(path, seed=0, valid_share=0.1, min_valid=1):
-    """Prompt rows from a JSONL file or data folder; without valid.jsonl, a seeded share is held out.
+def load_prompts(path, seed=0, valid_share=0.1, min_valid=1, columns=None):
+    """Prompt rows from a data file or folder (formats.py); without valid.jsonl, a seeded share is held out.
 
-    min_valid: the fewest rows held out when valid_share > 0.
+    min_valid: the fewest rows held out when valid_share > 0. columns: --columns renames.
     """
-    splits = load_splits(path, parse_prompt_row, prompt_key, seed, valid_share, min_valid, "prompt data")
+    splits = load_splits(path, parse_prompt_row, prompt_key, seed, valid_share, min_valid, "prompt data", columns)
     rows = splits["train"] + splits["valid"] + splits["test"]
     columns = set(rows[0]).intersection(*rows[1:])
     return PromptData(**splits, columns=columns)
@@ -178,7 +178,7 @@ def corpus_key(row):
     return json.dumps({k: row.get(k) for k in ("prompt", "completion", "messages")}, sort_keys=True, ensure_ascii=False)
 
 
-def load_corpus(path, seed=0, valid_share=0.1, min_valid=1):
+def load_corpus(path, seed=0, valid_share=0.1, min_valid=1, columns=None):
     """Corpus rows from a JSONL file or data folder, all in one of mlx-lm's formats; without valid.jsonl,
     a seeded share is held out."""
     first = {}
@@ -192,7 +192,7 @@ def load_corpus(path, seed=0, valid_share=0.1, min_valid=1):
                              f"'{first['format']}' row; a corpus has one format")
         return Row(obj, where)
 
-    splits = load_splits(path, parse, corpus_key, seed, valid_share, min_valid, "corpus")
+    splits = load_splits(path, parse, corpus_key, seed, valid_share, min_valid, "corpus", columns)
     return CorpusData(**splits, format=first["format"])
 
 

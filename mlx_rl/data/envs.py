@@ -351,7 +351,7 @@ class CalculatorTask(EnvTask):
 class UserEnvTask(EnvTask):
     """`--env path/to/file.py:make`, with `--data` rows (or rows {"prompt": ""})."""
 
-    def __init__(self, spec_text, data=None, seed=0, max_turns=0, max_turn_tokens=0):
+    def __init__(self, spec_text, data=None, seed=0, max_turns=0, max_turn_tokens=0, columns=None):
         make = load_env(spec_text)
         super().__init__(EnvSpec(make, spec_text, max_turns=max_turns or getattr(make, "max_turns", 8),
                                  max_turn_tokens=max_turn_tokens or getattr(make, "max_turn_tokens", 64)))
@@ -359,7 +359,7 @@ class UserEnvTask(EnvTask):
         if data is not None:
             from mlx_rl.data.datasets import load_prompts
 
-            self.data = load_prompts(data, seed=seed)
+            self.data = load_prompts(data, seed=seed, columns=columns)
             self.name = f"{data} with {spec_text}"
         else:
             self.data = None
@@ -461,7 +461,7 @@ def make_env_task(cfg, mistake_rate=0.75):
     """The environment task a config asks for: --env FILE.py:make (with --data rows), or a built-in one."""
     max_turns, max_turn_tokens = getattr(cfg, "max_turns", 0), getattr(cfg, "max_turn_tokens", 0)
     if getattr(cfg, "env", None):
-        return UserEnvTask(cfg.env, cfg.data, cfg.seed, max_turns, max_turn_tokens)
+        return UserEnvTask(cfg.env, cfg.data, cfg.seed, max_turns, max_turn_tokens, getattr(cfg, "columns", None))
     if cfg.task == "icemaze":
         return IceMazeTask(cfg.map, cfg.slippery, max_turns, max_turn_tokens, mistake_rate, cfg.seed)
     return CalculatorTask(max_turns, max_turn_tokens, mistake_rate)

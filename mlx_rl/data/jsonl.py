@@ -1,10 +1,11 @@
-"""JSONL files the way mlx-lm lays them out, read with one-line errors that name file:line.
+"""Data files read into train/valid/test splits, with one-line errors that name file:line.
 
 Shared by prompt data (datasets.py), corpora (datasets.py) and preference pairs
 (pairs.py). A data PATH is either one JSONL file or a folder holding
-`train.jsonl` and optionally `valid.jsonl` and `test.jsonl` (mlx-lm's layout).
-Files are read line by line, so a large file is never held as one string;
-blank lines are skipped.
+`train.jsonl` and optionally `valid.jsonl` and `test.jsonl` (mlx-lm's layout);
+JSON arrays, CSV, Parquet and `datasets.save_to_disk` folders are read too,
+and `--columns` renames a dataset's columns (formats.py). JSONL files are read
+line by line, so a large file is never held as one string; blank lines are skipped.
 
 When there is no `valid.jsonl`, a seeded share of the rows is held out for
 validation. The split is by a hash of each row's *key* (its prompt, for
@@ -20,6 +21,7 @@ import math
 from pathlib import Path
 
 from mlx_rl.config import MlxRlError
+from mlx_rl.data.formats import Source, layout, parse_columns, rename
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -60,44 +62,19 @@ def check_messages(value, key, where):
             raise MlxRlError(f"{where}: message {i} of '{key}' must have a string 'content', got {kind(content)}{why}")
 
 
-def read_jsonl(path, parse):
-    """[parse(obj, where) for each non-blank line], read line by line; the file must hold at least one row."""
-    rows = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise MlxRlError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line is {raw[e.start]:#04x})") from None
-            if number == 1:
-                line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors write
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                hint = "; JSONL holds one JSON object per line, not one JSON array" if number == 1 and line.lstrip().startswith("[") else ""
-                raise MlxRlError(f"{where}: not valid JSON ({e.msg} at column {e.colno}){hint}") from None
-            rows.append(parse(obj, where))
+def read_rows(source, parse, columns=None):
+    """[parse(obj, where) for each row of a file or split] (formats.py reads any format: JSONL line by line),
+    with --columns renames applied first; the source must hold at least one row."""
+    mapping = parse_columns(columns)
+    rows = [parse(rename(obj, mapping, where), where) for obj, where in source.objects()]
     if not rows:
-        raise MlxRlError(f"{path} is empty: it holds no rows")
+        raise MlxRlError(f"{source} is empty: it holds no rows")
     return rows
 
 
-def layout(path, what):
-    """{"train": Path, "valid": Path | None, "test": Path | None} for a JSONL file or an mlx-lm data folder."""
-    path = Path(path)
-    if path.is_dir():
-        train = path / "train.jsonl"
-        if not train.is_file():
-            raise MlxRlError(f"{what} folder {path} has no train.jsonl (a data folder holds train.jsonl, "
-                             "and optionally valid.jsonl and test.jsonl)")
-        found = {name: path / f"{name}.jsonl" for name in ("valid", "test")}
-        return {"train": train, **{name: p if p.is_file() else None for name, p in found.items()}}
-    if path.is_file():
-        return {"train": path, "valid": None, "test": None}
-    raise MlxRlError(f"{what} {path} does not exist")
+def read_jsonl(path, parse):
+    """[parse(obj, where) for each non-blank line of a JSONL file], read line by line."""
+    return read_rows(Source(path), parse)
 
 
 def check_share(valid_share):
@@ -159,14 +136,16 @@ class Splits:
         return text
 
 
-def load_splits(path, parse, key, seed, valid_share, min_valid, what):
-    """Read a file or folder into Splits; `parse(obj, where) -> row` validates one line."""
+def load_splits(path, parse, key, seed, valid_share, min_valid, what, columns=None):
+    """Read a file or folder (any format of formats.py) into Splits; `parse(obj, where) -> row` validates one row.
+    columns: --columns renames ('prompt=question,answer=solution'), applied before `parse`."""
     check_share(valid_share)
+    parse_columns(columns)  # a bad --columns: one line before any file is read
     files = layout(path, what)
-    train = read_jsonl(files["train"], parse)
-    test = read_jsonl(files["test"], parse) if files["test"] else []
+    train = read_rows(files["train"], parse, columns)
+    test = read_rows(files["test"], parse, columns) if files["test"] else []
     if files["valid"]:
-        valid, held_out = read_jsonl(files["valid"], parse), False
+        valid, held_out = read_rows(files["valid"], parse, columns), False
     else:
         train, valid = hold_out(train, key, seed, valid_share, min_valid, files["train"])
         held_out = valid_share > 0

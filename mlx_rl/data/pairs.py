@@ -133,15 +133,15 @@ def pair_key(record):
     return json.dumps(record["prompt"], sort_keys=True, ensure_ascii=False)
 
 
-def load_pairs(path, seed=0, valid_share=0.0, min_valid=1):
+def load_pairs(path, seed=0, valid_share=0.0, min_valid=1, columns=None):
     """Every split of a pairs file or folder; with valid_share > 0 and no valid.jsonl, a seeded share of the
     prompts is held out (pairs of one prompt stay together)."""
-    return PairData(**load_splits(path, parse_pair, pair_key, seed, valid_share, min_valid, "pairs file"))
+    return PairData(**load_splits(path, parse_pair, pair_key, seed, valid_share, min_valid, "pairs file", columns))
 
 
-def read_pairs(path):
+def read_pairs(path, columns=None):
     """The train pairs of a file (all of them) or a folder (train.jsonl): [{"prompt", "chosen", "rejected", "where"}]."""
-    return load_pairs(path).train
+    return load_pairs(path, columns=columns).train
 
 
 def write_pairs(path, rows):

@@ -45,8 +45,11 @@ class TaskConfig:
     """The task fields every LLM command shares."""
 
     task: str = option("addition", "built-in task (see `mlx-rl tasks`); ignored with --data")
-    data: typing.Optional[str] = option(None, "your own data: a JSONL file, or a folder with train.jsonl and valid.jsonl "
+    data: typing.Optional[str] = option(None, "your own data: a JSONL, JSON, CSV or Parquet file, a folder with train.jsonl "
+                                        "and valid.jsonl (or those formats), or a datasets.save_to_disk folder "
                                         "(see docs/your-own.md)")
+    columns: typing.Optional[str] = option(None, "rename the data's columns to the ones mlx-rl reads, NAME=COLUMN, "
+                                           "comma-separated: prompt=question,answer=solution")
     reward: typing.Tuple[str, ...] = option((), "reward: a built-in name (exact, numeric, lenient_numeric, chars, format:REGEX, "
                                             "length:N) or path/to/file.py:function; repeat for several (default: the task's own)")
     reward_weights: typing.Tuple[float, ...] = option((), "weights of the --reward functions, comma-separated (default: 1 each)")
@@ -259,10 +262,10 @@ BUILTIN = {"addition": Addition, "sort": Sort}
 class DataTask(Task):
     """Prompts from the user's JSONL (`--data`), scored by `--reward` functions."""
 
-    def __init__(self, path, rewards, seed=0, max_new_tokens=64):
+    def __init__(self, path, rewards, seed=0, max_new_tokens=64, columns=None):
         from mlx_rl.data.datasets import load_prompts
 
-        self.data = load_prompts(path, seed=seed)
+        self.data = load_prompts(path, seed=seed, columns=columns)
         self.name = str(path)
         self.description = self.data.describe()
         self.rewards = rewards
@@ -293,10 +296,10 @@ class CorpusTask(Task):
     reward); without one, pretraining reports its loss only.
     """
 
-    def __init__(self, path, rewards, seed=0, max_new_tokens=64):
+    def __init__(self, path, rewards, seed=0, max_new_tokens=64, columns=None):
         from mlx_rl.data.datasets import load_corpus
 
-        self.data = load_corpus(path, seed=seed)
+        self.data = load_corpus(path, seed=seed, columns=columns)
         self.name = str(path)
         self.description = self.data.describe()
         self.rewards = rewards
@@ -368,12 +371,14 @@ def make_task(cfg, mistake_rate=0.75, corpus=False):
     if cfg.reward_weights and not cfg.reward:
         raise MlxRlError("--reward-weights needs --reward")
     if getattr(cfg, "data", None) and corpus:
-        return CorpusTask(cfg.data, rewards, seed=cfg.seed, max_new_tokens=getattr(cfg, "max_new_tokens", 0) or 64)
+        return CorpusTask(cfg.data, rewards, seed=cfg.seed, max_new_tokens=getattr(cfg, "max_new_tokens", 0) or 64,
+                          columns=getattr(cfg, "columns", None))
     if getattr(cfg, "data", None):
         if rewards is None:
             raise MlxRlError(f"--data {cfg.data}: say how completions are scored with --reward (e.g. --reward exact, "
                              "or --reward my_reward.py:score)")
-        return DataTask(cfg.data, rewards, seed=cfg.seed, max_new_tokens=getattr(cfg, "max_new_tokens", 0) or 64)
+        return DataTask(cfg.data, rewards, seed=cfg.seed, max_new_tokens=getattr(cfg, "max_new_tokens", 0) or 64,
+                        columns=getattr(cfg, "columns", None))
     task = get_task(cfg.task, digits=cfg.digits, sort_length=cfg.sort_length, mistake_rate=mistake_rate)
     if rewards is not None:
         rewards.check_columns({"prompt", "answer", "kind"})

@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten
 
 from mlx_rl.config import MlxRlError, RunConfig, option
 from mlx_rl.data.tasks import TaskConfig, make_task
-from mlx_rl.engine import lora, speed
+from mlx_rl.engine import lora, speed, trackers
 from mlx_rl.engine.checkpoint import read_trainer_state, restore_optimizer, save_checkpoint
 from mlx_rl.engine.distributed import World
 from mlx_rl.engine.evaluate import evaluate
@@ -289,7 +289,8 @@ def start(command, cfg, mistake_rate=0.75, corpus=False, precheck=None):
     before anything is written (a chapter's batch-size check: `batch_check`).
     """
     world = World.from_launcher()
-    # 1. the task: data and rewards checked before anything is loaded or written
+    # 1. the task: data and rewards checked before anything is loaded or written (and the trackers installed)
+    trackers.check(cfg.log_to)
     task = make_task(cfg, mistake_rate, corpus)
     if world.rank == 0:
         notice = speed.blas_notice()
