@@ -52,12 +52,12 @@ from mlx_rl.engine.evaluate import score_rows
 from mlx_rl.engine.logprobs import completion_batch, masked, token_logprobs
 from mlx_rl.engine.episodes import play
 from mlx_rl.engine.sampling import generate, row_keys
-from mlx_rl.engine.session import LLMConfig, batch_check, resolve_policy_model, start
+from mlx_rl.engine.session import LLMConfig, MemoryConfig, batch_check, resolve_policy_model, start
 from mlx_rl.engine.update import current_lr
 
 
 @dataclasses.dataclass
-class GRPOConfig(LLMConfig, family.PassAtKConfig, family.VariantConfig, LearnedRewardConfig):
+class GRPOConfig(LLMConfig, MemoryConfig, family.PassAtKConfig, family.VariantConfig, LearnedRewardConfig):
     steps: int = option(60, "number of GRPO steps (one rollout batch each)", min=1, resumable=True)
     group_size: int = option(8, "completions sampled per prompt (G)", min=2)
     prompts_per_step: int = option(32, "prompts per step (the batch is prompts_per_step x group_size)", min=1)
@@ -242,7 +242,7 @@ def train(cfg):
     resolve_policy_model(cfg)
     session = start("grpo", cfg, precheck=batch_check(
         cfg.prompts_per_step * cfg.group_size, cfg.max_new_tokens,
-        f"--prompts-per-step {cfg.prompts_per_step} x --group-size {cfg.group_size}"))
+        f"--prompts-per-step {cfg.prompts_per_step} x --group-size {cfg.group_size}", cfg.micro_batch))
     env = getattr(session.task, "env", None)
     if env is not None:  # an episode's length: every model turn at its longest (the constant aggregation's L)
         N = env.max_turns * env.max_turn_tokens
@@ -254,7 +254,7 @@ def train(cfg):
         print(f"note: --max-new-tokens {cfg.max_new_tokens} is shorter than the task's answer ({session.task.max_new_tokens})")
     attach_reward_model(session, cfg, N)  # --reward-model: train on the learned reward (reward_model.py)
     optimizer = session.optimizer(cfg.lr, cfg.steps, cfg.warmup)
-    update = session.update_step(make_loss_fn(cfg, variant), optimizer)
+    update = session.update_step(make_loss_fn(cfg, variant), optimizer, row_multiple=cfg.group_size)  # whole groups
 
     def step(i):
         row, samples = grpo_step(session, cfg, variant, update, N)
