@@ -318,3 +318,39 @@ def test_auto_micro_batch_chooses_from_the_free_memory_and_says_so(monkeypatch, 
     delta, _ = one_sgd_step(make_model()[0], loss_fn, batches, micro_batch=0)
     assert "micro-batch: 4 of 9 rows" in capsys.readouterr().out
     assert_trees_close(delta, full)
+
+
+# --- the commands --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["grpo", "ppo", "dpo"])
+def test_cli_runs_with_grad_checkpoint_and_micro_batches(tmp_path, micro_checkpoint, command, capsys):
+    import json
+
+    from mlx_rl.cli import main
+    from mlx_rl.data.tasks import get_task
+
+    out = tmp_path / "run"
+    common = ["--model", str(micro_checkpoint), "--out", str(out), "--steps", "1", "--eval-prompts", "4",
+              "--grad-checkpoint", "--lora-rank", "4"]
+    # a reward that tells completions apart, so that the step has something to learn
+    (tmp_path / "reward.py").write_text("def spread(prompts, completions, **columns):\n"
+                                        "    return [float(sum(map(ord, c)) % 7) for c in completions]\n")
+    reward = ["--reward", f"{tmp_path / 'reward.py'}:spread"]
+    if command == "grpo":
+        args = ["--prompts-per-step", "2", "--group-size", "4", "--micro-batch", "4", *reward]
+    elif command == "ppo":
+        args = ["--rollout-batch", "8", "--minibatch-size", "8", "--micro-batch", "3", "--value-warmup", "0", *reward]
+    else:
+        pairs = tmp_path / "pairs.jsonl"
+        rows = get_task("addition").train_rows(np.random.default_rng(0), 4, distinct=True)
+        pairs.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["answer"], "rejected": "000"}) + "\n"
+                                 for r in rows))
+        args = ["--pairs", str(pairs), "--batch-size", "4", "--micro-batch", "0"]
+    main([command, *common, *args])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 1 and rows[-1]["optim/grad_norm"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["grad_checkpoint"] is True and config["micro_batch"] == int(args[args.index("--micro-batch") + 1])
+    if command == "dpo":  # 0: chosen, and said
+        assert "micro-batch: " in capsys.readouterr().out
