@@ -230,6 +230,7 @@ def main():
         for setting in args.settings.split(","):
             r = run_child(model_dir, setting, args)
             entry["runs"].append(r)
+            print("  " + json.dumps(r), flush=True)  # every figure in the log too, as soon as it is measured
             if "error" in r:
                 print(f"  {setting:<20} failed: {r['error']}", flush=True)
                 continue

@@ -354,3 +354,31 @@ def test_cli_runs_with_grad_checkpoint_and_micro_batches(tmp_path, micro_checkpo
     assert config["grad_checkpoint"] is True and config["micro_batch"] == int(args[args.index("--micro-batch") + 1])
     if command == "dpo":  # 0: chosen, and said
         assert "micro-batch: " in capsys.readouterr().out
+
+
+def test_bench_scale_builds_a_shaped_checkpoint_and_measures_a_step(tmp_path, monkeypatch):
+    """benchmarks/bench_scale.py on a small shape: the checkpoint loads with mlx-lm (tokenizer of the model's
+    vocabulary size), and a step is measured with and without the memory options."""
+    import sys
+    from pathlib import Path
+
+    from mlx_rl.engine import logprobs
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_scale
+
+    monkeypatch.setattr(logprobs, "LOGITS_CHUNK", logprobs.LOGITS_CHUNK)  # the "full" setting changes it: put back
+    shape = {**bench_scale.MODELS["qwen3-0.6b"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 1000}
+    monkeypatch.setitem(bench_scale.MODELS, "shaped", shape)
+    model_dir = tmp_path / "shaped"
+    n = bench_scale.build_checkpoint("shaped", model_dir)
+    bench_scale.write_prompts(model_dir / "prompts.jsonl", 16)
+    args = bench_scale.parse_args(["--prompts", "2", "--group-size", "2", "--prompt-tokens", "16", "--new-tokens", "4",
+                                   "--warmup", "0"])
+    full = bench_scale.measure(str(model_dir), "full", args)
+    small = bench_scale.measure(str(model_dir), "chunked+ckpt+micro4", args)
+    assert n > 0 and full["logits_chunk"] == 0 and small["grad_checkpoint"] and small["micro_batch"] == 4
+    for r in (full, small):
+        assert r["completion_len"] == 4 and r["rows"] == 4 and r["peak_memory_gb"] > 0 and r["peak_rss_gb"] > 0
+        assert {"generate", "reference", "forward_backward", "optimizer"} <= set(r["phase_s"])

@@ -104,6 +104,9 @@ def make_update(model, optimizer, loss_fn, max_grad_norm=1.0, compile=True, on_n
 
             n, need = memory.auto_micro_batch(model, rows, width, memory.is_checkpointed(model), multiple=row_multiple)
             chosen[(rows, width)] = n
+            if n == chosen.get("said"):
+                return n
+            chosen["said"] = n  # say it again only when the choice changes (an episode's width varies)
             print(f"micro-batch: {n} of {rows} rows x {width} tokens per forward/backward (about {need / 1e9:.1f} GB "
                   "of activations each; --micro-batch N to choose)")
         return chosen[(rows, width)]
