@@ -67,13 +67,13 @@ from mlx_rl.config import MlxRlError, command, option
 from mlx_rl.data.pairs import Pairs, build_pairs, pair_batch, pair_tokens, read_pairs, tokenize_pairs, write_pairs
 from mlx_rl.engine import loop
 from mlx_rl.engine.logprobs import sequence_logprobs
-from mlx_rl.engine.session import LLMConfig, resolve_policy_model, start
+from mlx_rl.engine.session import LLMConfig, MemoryConfig, resolve_policy_model, start
 from mlx_rl.engine.update import current_lr
 from mlx_rl.runs import atomic_write_json, read_json
 
 
 @dataclasses.dataclass
-class DPOConfig(LLMConfig):
+class DPOConfig(LLMConfig, MemoryConfig):
     steps: int = option(0, "number of training steps at most (0: no limit; rounds x epochs decide)", min=0, resumable=True)
     resume: typing.Optional[str] = option(None, "continue a run directory from its last checkpoint (a finished run: "
                                           "extend it with a larger --rounds)")
@@ -175,6 +175,19 @@ def make_loss_fn(beta, loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=0.0):
     return loss_fn
 
 
+def split_pairs(arrays, rows):
+    """Micro-batches for --micro-batch: `rows` // 2 pairs each, every one laid out as the full batch is (its
+    chosen rows, then the same pairs' rejected rows), so the loss pairs them up the same way."""
+    n = arrays[0].shape[0]
+    B, size = n // 2, max(1, rows // 2)
+    parts = []
+    for begin in range(0, B, size):
+        pairs = np.arange(begin, min(begin + size, B))
+        idx = mx.array(np.concatenate([pairs, B + pairs]))
+        parts.append(tuple(x[idx] if isinstance(x, mx.array) and x.ndim > 0 and x.shape[0] == n else x for x in arrays))
+    return parts
+
+
 # --- the reference log-probs of a round's pairs ---------------------------------------------
 
 
@@ -245,7 +258,8 @@ def train(cfg):
     pad_id = tokenizer.pad_token_id or 0
     rounds = 1 if cfg.pairs else cfg.rounds
     optimizer = session.optimizer(cfg.lr, cfg.steps or 1000, cfg.warmup, cfg.weight_decay)
-    update = session.update_step(make_loss_fn(cfg.dpo_beta, cfg.loss_type, cfg.label_smoothing, cfg.rpo_alpha), optimizer)
+    update = session.update_step(make_loss_fn(cfg.dpo_beta, cfg.loss_type, cfg.label_smoothing, cfg.rpo_alpha), optimizer,
+                                 split=split_pairs, row_multiple=2)
 
     # The round in progress: its index, the step it started at, its pairs and their batches (saved for --resume).
     state = {"round": 0, "round_start": 0, "per_round": None, "round_done_at": None, **session.chapter_state,

@@ -54,12 +54,12 @@ from mlx_rl.engine.evaluate import score_rows
 from mlx_rl.engine.logprobs import completion_batch, masked, token_logprobs
 from mlx_rl.engine.episodes import play
 from mlx_rl.engine.sampling import generate, row_keys
-from mlx_rl.engine.session import LLMConfig, batch_check, resolve_policy_model, start
+from mlx_rl.engine.session import LLMConfig, MemoryConfig, batch_check, resolve_policy_model, start
 from mlx_rl.engine.update import current_lr
 
 
 @dataclasses.dataclass
-class GRPOConfig(LLMConfig, family.PassAtKConfig, family.VariantConfig, family.CorrectionConfig, LearnedRewardConfig):
+class GRPOConfig(LLMConfig, MemoryConfig, family.PassAtKConfig, family.VariantConfig, family.CorrectionConfig, LearnedRewardConfig):
     steps: int = option(60, "number of training steps (one rollout batch each)", min=1, resumable=True)
     group_size: int = option(8, "completions sampled per prompt (G)", min=2)
     prompts_per_step: int = option(32, "prompts per step (the batch is prompts_per_step x group_size)", min=1)
@@ -310,7 +310,7 @@ def train(cfg):
     resolve_policy_model(cfg)
     session = start("grpo", cfg, precheck=batch_check(
         cfg.prompts_per_step * cfg.group_size, cfg.max_new_tokens,
-        f"--prompts-per-step {cfg.prompts_per_step} x --group-size {cfg.group_size}"))
+        f"--prompts-per-step {cfg.prompts_per_step} x --group-size {cfg.group_size}", cfg.micro_batch))
     env = getattr(session.task, "env", None)
     if env is not None:  # an episode's length: every model turn at its longest (the constant aggregation's L)
         N = env.max_turns * env.max_turn_tokens
@@ -323,7 +323,7 @@ def train(cfg):
     attach_reward_model(session, cfg, N)  # --reward-model: train on the learned reward (reward_model.py)
     optimizer = session.optimizer(cfg.lr, cfg.steps, cfg.warmup, cfg.weight_decay, cfg.lr_schedule,
                                   updates_per_step=cfg.epochs)
-    update = session.update_step(make_loss_fn(cfg, variant), optimizer)
+    update = session.update_step(make_loss_fn(cfg, variant), optimizer, row_multiple=cfg.group_size)  # whole groups
     stale = StalePolicy(session.model, cfg.rollout_staleness, session.checkpoint)
 
     def step(i):

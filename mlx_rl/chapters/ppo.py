@@ -70,7 +70,7 @@ from mlx_rl.engine.evaluate import score_rows
 from mlx_rl.engine.logprobs import completion_batch, masked, masked_mean, token_logprobs
 from mlx_rl.engine.episodes import play
 from mlx_rl.engine.sampling import generate, row_keys
-from mlx_rl.engine.session import LLMConfig, batch_check, resolve_policy_model, start
+from mlx_rl.engine.session import LLMConfig, MemoryConfig, batch_check, resolve_policy_model, start
 from mlx_rl.engine.update import current_lr
 from mlx_rl.runs import PhaseTimer
 
@@ -81,7 +81,7 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 @dataclasses.dataclass
-class PPOConfig(LLMConfig, PassAtKConfig, CorrectionConfig, LearnedRewardConfig):
+class PPOConfig(LLMConfig, MemoryConfig, PassAtKConfig, CorrectionConfig, LearnedRewardConfig):
     steps: int = option(30, "number of training steps (one rollout batch, then epochs of minibatch updates)", min=1,
                         resumable=True)
     rollout_batch: int = option(256, "prompts per step, one sampled completion each", min=1)
@@ -420,7 +420,7 @@ def load_value_head(value_head, ckpt):
 def train(cfg):
     resolve_policy_model(cfg)
     session = start("ppo", cfg, precheck=batch_check(cfg.rollout_batch, cfg.max_new_tokens,
-                                                     f"--rollout-batch {cfg.rollout_batch}"))
+                                                     f"--rollout-batch {cfg.rollout_batch}", cfg.micro_batch))
     policy, task = session.model, session.task
     N = cfg.max_new_tokens or task.max_new_tokens
     attach_reward_model(session, cfg, N)  # --reward-model: train on the learned reward (reward_model.py)

@@ -26,6 +26,8 @@ import numpy as np
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from mlx_rl.engine import lora
+
 
 def completion_batch(prompt_ids, completion_ids, completion_mask, pad_id=0, values=None, present=None):
     """Build (tokens (B, T), mask (B, T-1)) from prompt ids and a rollout's completions.
@@ -101,36 +103,67 @@ def entropy_of(logprobs, probs, top_p=1.0):
     return -terms.sum(axis=-1)
 
 
+# Logits scored at a time: at most this many (position, vocabulary entry) pairs, 64 MB in float32. A real
+# model's vocabulary makes the (B, T, V) logits the largest array of a training step (Qwen3's 151,936 entries:
+# 16 rows x 191 positions are 1.9 GB, and the softmax, its gradient and the reference pass each hold another
+# copy); in chunks, only one chunk's logits exist at a time, in the forward pass and in the backward.
+# 0 scores the whole batch at once (the plain pass: `model(inputs)`).
+LOGITS_CHUNK = 2**24
+
+# Architectures whose logits are exactly `head(model.model(inputs))`, with the head an lm_head or the tied
+# embeddings (`output_layer`): their log-probs can be scored in chunks from the hidden states. Any other
+# model (one with a logit soft-cap or scale, or a user's own module) takes the plain pass.
+PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "smollm3", "phi3", "olmo2", "gemma"}
+
+
 def token_logprobs(model, tokens, temperature=1.0, group_size=1, shared_len=0, top_p=1.0, return_hidden=False,
-                   skip=0):
+                   skip=0, chunk=None):
     """Per-token log-probs and entropies of tokens[:, 1:] given their prefixes, under the sampled distribution.
 
     Returns (B, T-1) x 2 (and the final hidden states (B, T-1, H) with return_hidden,
     for PPO's value head). group_size G > 1 with shared_len S > 0 says that rows come
     in groups of G adjacent rows whose first S tokens are the same (a GRPO batch:
     each prompt G times). The model then runs those S tokens once per group and only
-    the rest once per row (`shared_prefix_logits`): the same numbers, less work.
+    the rest once per row (`shared_prefix_pass`): the same numbers, less work.
     skip: leave the first `skip` positions unscored (0 there; the model still reads their
     tokens). A GRPO batch passes S - 1, the positions whose targets are prompt tokens,
     which no loss reads: a real model's vocabulary (49k-150k) makes the softmax, the
     entropy and their backward over the prompt positions most of a short completion's cost.
+    chunk: logits elements scored at a time (`chunked_scores`; default LOGITS_CHUNK, 0: all at once).
     """
+    if isinstance(model, lora.AdaptersOff):  # the reference of a LoRA run: the same model, adapters off
+        with lora.adapters_off(model.model):
+            return token_logprobs(model.model, tokens, temperature, group_size, shared_len, top_p, return_hidden,
+                                  skip, chunk)
+    chunk = LOGITS_CHUNK if chunk is None else chunk
     inputs = tokens[:, :-1]
-    skip = max(0, min(skip, inputs.shape[1] - 1))
-    if return_hidden:
-        hidden = model.model(inputs)  # (B, T-1, H) final-normed hidden states
-        logits = output_layer(model, hidden)[:, skip:]
-    elif group_size > 1 and shared_len > 0 and plain_kv_layers(model):
-        logits = shared_prefix_logits(model, inputs, group_size, shared_len, skip)
+    targets = tokens[:, 1:]
+    skip = 0 if return_hidden else max(0, min(skip, inputs.shape[1] - 1))  # the value head reads every position
+    shared = group_size > 1 and shared_len > 0 and plain_kv_layers(model)
+    if return_hidden or (chunk > 0 and plain_head(model)):
+        # the transformer's final hidden states, then the head chunk by chunk
+        if shared:
+            hidden = shared_prefix_pass(model.model, len(model.layers), inputs, group_size, shared_len, skip)
+        else:
+            hidden = model.model(inputs)[:, skip:]  # (B, T-1-skip, H) final-normed hidden states
+        logprobs, entropy = chunked_scores(model, hidden, targets[:, skip:], temperature, top_p, chunk)
     else:
-        logits = model(inputs)[:, skip:]  # (B, T-1-skip, V)
-    logp_all, probs = sampled_distribution(logits, temperature, top_p, with_probs=True)  # (B, T-1-skip, V) x 2
-    logprobs = mx.take_along_axis(logp_all, tokens[:, 1 + skip :, None], axis=-1)[..., 0]  # (B, T-1-skip)
-    entropy = entropy_of(logp_all, probs, top_p)  # (B, T-1-skip)
+        if shared:
+            logits = shared_prefix_pass(model, len(model.layers), inputs, group_size, shared_len, skip)
+        else:
+            logits = model(inputs)[:, skip:]  # (B, T-1-skip, V)
+        logprobs, entropy = score_logits(logits, targets[:, skip:], temperature, top_p)  # (B, T-1-skip) x 2
     if skip:
         pad = mx.zeros((logprobs.shape[0], skip), dtype=logprobs.dtype)
         logprobs, entropy = mx.concatenate([pad, logprobs], axis=1), mx.concatenate([pad, entropy], axis=1)  # (B, T-1)
     return (logprobs, entropy, hidden) if return_hidden else (logprobs, entropy)
+
+
+def score_logits(logits, targets, temperature=1.0, top_p=1.0):
+    """Log-prob of each target and the entropy, under the sampled distribution. (..., V), (...) -> (...) x 2"""
+    logp_all, probs = sampled_distribution(logits, temperature, top_p, with_probs=True)  # (..., V) x 2
+    logprobs = mx.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]  # (...)
+    return logprobs, entropy_of(logp_all, probs, top_p)
 
 
 def output_layer(model, hidden):
@@ -138,6 +171,47 @@ def output_layer(model, hidden):
     if getattr(model, "lm_head", None) is not None:
         return model.lm_head(hidden)
     return model.model.embed_tokens.as_linear(hidden)
+
+
+def plain_head(model):
+    """Whether the model's logits are `output_layer(model, model.model(inputs))` (see PLAIN_HEAD_TYPES)."""
+    return getattr(model, "model_type", None) in PLAIN_HEAD_TYPES and hasattr(getattr(model, "model", None),
+                                                                                "embed_tokens")
+
+
+def chunked_scores(model, hidden, targets, temperature=1.0, top_p=1.0, chunk=LOGITS_CHUNK):
+    """score_logits(output_layer(model, hidden), targets), a chunk of positions at a time. (B, L, H) -> (B, L) x 2
+
+    Each chunk's logits are made, reduced to one log-prob and one entropy per
+    position, and dropped. Under mx.checkpoint the backward pass makes them again,
+    one chunk at a time, instead of keeping every chunk's (the output projection
+    runs twice: about one more matmul per position, for the head only). The
+    head's trainable weights (a full fine-tune's lm_head or tied embeddings) go in
+    as explicit inputs so that their gradient flows through the checkpoint.
+    """
+    B, L, H = hidden.shape
+    vocab = model.args.vocab_size if hasattr(model, "args") else output_layer(model, hidden[:1, :1]).shape[-1]
+    rows = max(1, chunk // vocab if chunk > 0 else B * L)  # positions per chunk
+    flat_hidden, flat_targets = hidden.reshape(B * L, H), targets.reshape(B * L)  # (B*L, H), (B*L,)
+    if rows >= B * L:  # one chunk: nothing to recompute
+        logprobs, entropy = score_logits(output_layer(model, flat_hidden), flat_targets, temperature, top_p)
+        return logprobs.reshape(B, L), entropy.reshape(B, L)
+    head = model.lm_head if getattr(model, "lm_head", None) is not None else model.model.embed_tokens
+    logprobs, entropy = [], []
+    for begin in range(0, B * L, rows):
+        t = flat_targets[begin : begin + rows]
+
+        def score(head_params, h, t=t):
+            saved = head.trainable_parameters()
+            head.update(head_params)  # the checkpoint's own copies, so their gradient is the head's
+            out = score_logits(output_layer(model, h), t, temperature, top_p)  # (rows, V) -> (rows,) x 2
+            head.update(saved)
+            return out
+
+        lp, ent = mx.checkpoint(score)(head.trainable_parameters(), flat_hidden[begin : begin + rows])
+        logprobs.append(lp)
+        entropy.append(ent)
+    return mx.concatenate(logprobs).reshape(B, L), mx.concatenate(entropy).reshape(B, L)
 
 
 class PrefixCache:
@@ -175,27 +249,28 @@ def plain_kv_layers(model):
     return all(type(c) is KVCache for c in make_prompt_cache(model))
 
 
-def shared_prefix_logits(model, inputs, group_size, shared_len, skip=0):
-    """model(inputs)[:, skip:] for rows in groups of `group_size` that share their first `shared_len` tokens.
+def shared_prefix_pass(net, n_layers, inputs, group_size, shared_len, skip=0):
+    """net(inputs)[:, skip:] for rows in groups of `group_size` that share their first `shared_len` tokens.
 
+    net: the model (logits) or its transformer `model.model` (final hidden states); n_layers its blocks.
     inputs (B, L) with B = P * G; rows g*G .. g*G + G-1 must agree on inputs[:, :S].
     The shared tokens run once per group (P rows), their keys and values are
     repeated G times, and the remaining L - S tokens run once per row. Causal
     attention makes this exact; gradients reaching the shared part are summed
-    over the group, as they would be over its G copies. Returns (B, L - skip, V).
+    over the group, as they would be over its G copies. Returns (B, L - skip, V or H).
     """
     S = min(shared_len, inputs.shape[1] - 1)
-    caches = [PrefixCache() for _ in model.layers]
-    prefix_logits = model(inputs[::group_size, :S], cache=caches)[:, skip:]  # (P, S - skip, V)
+    caches = [PrefixCache() for _ in range(n_layers)]
+    prefix_out = net(inputs[::group_size, :S], cache=caches)[:, skip:]  # (P, S - skip, V or H)
     for c in caches:
         c.repeat_rows(group_size)
-    rest_logits = model(inputs[:, S:], cache=caches)  # (B, L - S, V)
-    return mx.concatenate([mx.repeat(prefix_logits, group_size, axis=0), rest_logits[:, max(0, skip - S) :]], axis=1)
+    rest_out = net(inputs[:, S:], cache=caches)  # (B, L - S, V or H)
+    return mx.concatenate([mx.repeat(prefix_out, group_size, axis=0), rest_out[:, max(0, skip - S) :]], axis=1)
 
 
-def sequence_logprobs(model, tokens, mask, temperature=1.0):
-    """Sum of completion-token log-probs per row. (B,)"""
-    logprobs, _ = token_logprobs(model, tokens, temperature)
+def sequence_logprobs(model, tokens, mask, temperature=1.0, chunk=None):
+    """Sum of completion-token log-probs per row (DPO's), scored in chunks like every pass. (B,)"""
+    logprobs, _ = token_logprobs(model, tokens, temperature, chunk=chunk)
     return masked(logprobs, mask).sum(axis=1)
 
 

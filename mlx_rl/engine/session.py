@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten
 
 from mlx_rl.config import MlxRlError, RunConfig, option
 from mlx_rl.data.tasks import TaskConfig, make_task
-from mlx_rl.engine import lora, speed, trackers
+from mlx_rl.engine import lora, memory, speed, trackers
 from mlx_rl.engine.checkpoint import read_trainer_state, restore_optimizer, save_checkpoint
 from mlx_rl.engine.distributed import World
 from mlx_rl.engine.evaluate import evaluate
@@ -64,6 +64,19 @@ class LLMConfig(RunConfig, TaskConfig):
         "(default: every linear layer)")
     fuse: bool = option(True, "LoRA: also save the adapters fused into the base as RUN/checkpoint's weights (a plain "
                         "mlx-lm model)")
+
+
+@dataclasses.dataclass
+class MemoryConfig:
+    """What a training step holds at once (engine/memory.py), for the chapters that train a policy on rollouts
+    or pairs: GRPO, PPO, DPO."""
+
+    micro_batch: int = option(0, "rows per forward/backward, their gradients added up: the same update as the "
+                              "whole batch in less memory (0: chosen from the model's size and the free memory)",
+                              min=0, resumable=True)
+    grad_checkpoint: bool = option(False, "activation checkpointing: each transformer block runs its forward again in "
+                                   "the backward instead of keeping its activations (less memory, more compute)",
+                                   resumable=True)
 
 
 class Reference:
@@ -139,14 +152,17 @@ class Session:
         self.optimizers[name] = optimizer
         return optimizer
 
-    def update_step(self, loss_fn, optimizer, model=None, timer=None):
+    def update_step(self, loss_fn, optimizer, model=None, timer=None, split=None, row_multiple=1):
         """The update step for a loss (update.make_update) with this run's clipping, compile and NaN settings.
 
         timer: where its phases are timed (default the session's: time/forward_backward_s, time/optimizer_s).
+        A chapter with --micro-batch (MemoryConfig) gets it, with its own split / row_multiple if its rows
+        come in pairs or groups.
         """
         cfg = self.cfg
         update = make_update(model or self.model, optimizer, loss_fn, cfg.max_grad_norm, cfg.compile, cfg.on_nan,
-                             timer or self.timer, world=self.world)
+                             timer or self.timer, world=self.world, micro_batch=getattr(cfg, "micro_batch", None),
+                             split=split, row_multiple=row_multiple)
         self.updates.append(update)
         return update
 
@@ -328,6 +344,8 @@ def start(command, cfg, mistake_rate=0.75, corpus=False, precheck=None):
     adapter_config = setup_lora(model, cfg, verbose=world.rank == 0) if cfg.lora_rank else None
     if lora_resume:
         lora.load_adapter_weights(model, ckpt / "adapters")
+    if getattr(cfg, "grad_checkpoint", False):
+        memory.checkpoint_blocks(model)
     world.check_same_weights(model)
     if precheck is not None:
         precheck(model, tokenizer, model_config, task, world)
@@ -360,33 +378,41 @@ def more_to_do(cfg, state):
     return cfg.steps > state["step"]
 
 
-def check_memory(model, model_config, rows, tokens_per_row, what):
+def check_memory(model, model_config, rows, tokens_per_row, what, micro_batch=None):
     """Refuse, in one line, a batch whose training pass can't fit in memory (instead of a crash mid-run).
 
     A rough upper estimate of one forward + backward over `rows` x `tokens_per_row`
     tokens: float32 logits with their softmax and gradient (about 12 bytes per
-    vocabulary entry per token) and the activations kept for the backward (about
-    40 bytes per hidden unit per layer per token), plus the weights and Adam state.
+    vocabulary entry per token; one chunk of them where logprobs.py scores them in
+    chunks) and the activations kept for the backward (about 40 bytes per hidden
+    unit per layer per token), plus the weights and Adam state. micro_batch: rows
+    per forward/backward (0: chosen to fit, so only one row has to).
     """
+    from mlx_rl.engine.logprobs import LOGITS_CHUNK, plain_head
+
     vocab = model_config.get("vocab_size", 0)
     hidden = model_config.get("hidden_size", 0)
     layers = model_config.get("num_hidden_layers", 0)
+    if micro_batch is not None:
+        rows = min(rows, micro_batch or 1)
     tokens = rows * tokens_per_row
-    need = tokens * (12 * vocab + 40 * hidden * layers) + 16 * sum(v.size for _, v in tree_flatten(model.parameters()))
+    logits = 12 * LOGITS_CHUNK if LOGITS_CHUNK and plain_head(model) else 12 * vocab * tokens
+    need = tokens * 40 * hidden * layers + logits + 16 * sum(v.size for _, v in tree_flatten(model.parameters()))
     have = available_memory_bytes()
     if have and need > have:
         raise MlxRlError(f"{what}: {rows:,} rows x {tokens_per_row} tokens need about {need / 1e9:.1f} GB for one "
                          f"training pass, more than the {have / 1e9:.1f} GB available; make the batch smaller")
 
 
-def batch_check(rows, new_tokens, what):
+def batch_check(rows, new_tokens, what, micro_batch=None):
     """A start() precheck: the memory of a batch of `rows` completions of `new_tokens` (0: the task's) after its prompts."""
 
     def check(model, tokenizer, model_config, task, world):
         sample = task.train_rows(np.random.default_rng(0), 8)
         prompt_len = max(len(tokenizer.encode(r["prompt"] if isinstance(r["prompt"], str) else str(r["prompt"])))
                          for r in sample) if sample else 0
-        check_memory(model, model_config, max(rows // world.size, 1), prompt_len + (new_tokens or task.max_new_tokens), what)
+        check_memory(model, model_config, max(rows // world.size, 1), prompt_len + (new_tokens or task.max_new_tokens), what,
+                     micro_batch)
 
     return check
 

@@ -16,6 +16,15 @@ mx.random.state]`. The optimizer state must exist before it is captured, so the
 step initialises it (after a resumed run has loaded its saved state: build the
 step after `session.optimizer(...)`).
 
+With micro_batch N the forward + backward runs N rows at a time and the
+gradients, losses and metrics of the micro-batches add up (one `mx.eval` per
+micro-batch: what bounds the memory is that each one's activations are freed
+before the next is built). That is the full batch's update exactly when the
+loss is a sum over rows divided by the full batch's counts, which every
+chapter's loss already is (n_rows, n_tokens: the same rule that lets
+data-parallel ranks add their gradients). Metrics add up the same way, except
+`*_min` / `*_max` (the extremes) and per-row arrays (joined back in order).
+
 The step checks the loss, the gradient norm and one cheap sum of the updated
 weights (computed inside the optimizer phase): a non-finite value stops
 the run at the step it appears (`NonFinite`), or, with `on_nan="skip"`, the
@@ -46,7 +55,8 @@ def weight_sum(model):
     return sum(p.sum() for _, p in tree_flatten(model.trainable_parameters()))
 
 
-def make_update(model, optimizer, loss_fn, max_grad_norm=1.0, compile=True, on_nan="stop", timer=None, world=None):
+def make_update(model, optimizer, loss_fn, max_grad_norm=1.0, compile=True, on_nan="stop", timer=None, world=None,
+                micro_batch=None, split=None, row_multiple=1):
     """Build `update(*arrays) -> (loss, metrics, grad_norm)` for a loss function.
 
     loss_fn(model, *arrays) -> (loss, metrics dict of scalars or arrays).
@@ -55,6 +65,10 @@ def make_update(model, optimizer, loss_fn, max_grad_norm=1.0, compile=True, on_n
     timer: a PhaseTimer (`with timer("phase"):`); None times nothing.
     world: a data-parallel World; its ranks' gradients are summed (time/allreduce_s)
     before clipping, so each rank's loss must be its share of the global loss.
+    micro_batch: rows per forward + backward (None: the whole batch at once; 0: chosen from the
+    model's size and the free memory, memory.auto_micro_batch, and printed). split(arrays, rows)
+    cuts the arrays into micro-batches (default `split_rows`); row_multiple: a micro-batch
+    holds a multiple of this many rows (GRPO's groups, whose prompt runs once per group).
     """
     optimizer.init(model.trainable_parameters())  # keeps any state already loaded by --resume
     clip_to = max_grad_norm if max_grad_norm > 0 else float("inf")  # inf: only measure the norm
@@ -76,10 +90,41 @@ def make_update(model, optimizer, loss_fn, max_grad_norm=1.0, compile=True, on_n
         apply = mx.compile(apply, inputs=state, outputs=state)
     timer = timer or _no_timer
 
+    split = split or split_rows
+    chosen = {}  # (rows, tokens per row) -> rows per micro-batch, for micro_batch=0
+
+    def micro_rows(arrays):
+        rows, width = arrays[0].shape[0], (arrays[0].shape[1] if arrays[0].ndim > 1 else 1)
+        if micro_batch is None or micro_batch >= rows:
+            return rows
+        if micro_batch > 0:
+            return max(row_multiple, micro_batch // row_multiple * row_multiple)
+        if (rows, width) not in chosen:
+            from mlx_rl.engine import memory
+
+            n, need = memory.auto_micro_batch(model, rows, width, memory.is_checkpointed(model), multiple=row_multiple)
+            chosen[(rows, width)] = n
+            if n == chosen.get("said"):
+                return n
+            chosen["said"] = n  # say it again only when the choice changes (an episode's width varies)
+            print(f"micro-batch: {n} of {rows} rows x {width} tokens per forward/backward (about {need / 1e9:.1f} GB "
+                  "of activations each; --micro-batch N to choose)")
+        return chosen[(rows, width)]
+
+    def accumulate(arrays):
+        """The forward + backward of the whole batch, a micro-batch at a time."""
+        size = micro_rows(arrays)
+        parts = [arrays] if size >= arrays[0].shape[0] else split(arrays, size)
+        total = None
+        for part in parts:
+            out = forward_backward(*part)
+            total = out if total is None else add_up(total, out)
+            mx.eval(total)
+        return total
+
     def update(*arrays):
         with timer("forward_backward"):
-            loss, metrics, grads = forward_backward(*arrays)
-            mx.eval(loss, metrics, grads)
+            loss, metrics, grads = accumulate(arrays)
         if parallel:
             with timer("allreduce"):
                 grads, loss = world.sum_tree((grads, loss))
@@ -107,6 +152,28 @@ def make_update(model, optimizer, loss_fn, max_grad_norm=1.0, compile=True, on_n
 
     update.skipped = 0  # updates skipped for a non-finite value (on_nan="skip")
     return update
+
+
+def split_rows(arrays, size):
+    """Micro-batches of `size` rows: every array with the batch's rows is cut; the rest (counts, flags,
+    Python numbers) goes whole to each."""
+    rows = arrays[0].shape[0]
+    cut = lambda x, i: x[i : i + size] if isinstance(x, mx.array) and x.ndim > 0 and x.shape[0] == rows else x  # noqa: E731
+    return [tuple(cut(x, i) for x in arrays) for i in range(0, rows, size)]
+
+
+def add_up(total, part):
+    """Two micro-batches' (loss, metrics, grads) as one: sums, except *_min / *_max and per-row arrays."""
+    loss, metrics, grads = total
+    part_loss, part_metrics, part_grads = part
+    joined = {}
+    for k, v in metrics.items():
+        w = part_metrics[k]
+        if v.ndim > 0:
+            joined[k] = mx.concatenate([v, w])  # per-row arrays (GRPO's log-probs), in row order
+        else:
+            joined[k] = mx.minimum(v, w) if k.endswith("_min") else mx.maximum(v, w) if k.endswith("_max") else v + w
+    return loss + part_loss, joined, tree_map(lambda a, b: a + b, grads, part_grads)
 
 
 def first_non_finite(named):
