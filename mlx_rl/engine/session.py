@@ -393,12 +393,21 @@ def check_memory(model, model_config, rows, tokens_per_row, what, micro_batch=No
     vocab = model_config.get("vocab_size", 0)
     hidden = model_config.get("hidden_size", 0)
     layers = model_config.get("num_hidden_layers", 0)
+    have = available_memory_bytes()
+    weights = 16 * sum(v.size for _, v in tree_flatten(model.parameters()))
+    # the rollout samples every row at once: its KV cache (keys and values, float32, every layer) and one
+    # position's logits per row, whatever the micro-batch of the training pass
+    kv_dim = 2 * layers * (model_config.get("num_key_value_heads") or model_config.get("num_attention_heads") or 1) * \
+        (model_config.get("head_dim") or hidden // max(model_config.get("num_attention_heads") or 1, 1))
+    rollout = rows * (4 * kv_dim * tokens_per_row + 8 * vocab) + weights
+    if have and rollout > have:
+        raise MlxRlError(f"{what}: sampling {rows:,} rows x {tokens_per_row} tokens at once needs about "
+                         f"{rollout / 1e9:.1f} GB, more than the {have / 1e9:.1f} GB available; make the batch smaller")
     if micro_batch is not None:
         rows = min(rows, micro_batch or 1)
     tokens = rows * tokens_per_row
     logits = 12 * LOGITS_CHUNK if LOGITS_CHUNK and plain_head(model) else 12 * vocab * tokens
-    need = tokens * 40 * hidden * layers + logits + 16 * sum(v.size for _, v in tree_flatten(model.parameters()))
-    have = available_memory_bytes()
+    need = tokens * 40 * hidden * layers + logits + weights
     if have and need > have:
         raise MlxRlError(f"{what}: {rows:,} rows x {tokens_per_row} tokens need about {need / 1e9:.1f} GB for one "
                          f"training pass, more than the {have / 1e9:.1f} GB available; make the batch smaller")
