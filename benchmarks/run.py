@@ -70,6 +70,11 @@ CHAPTERS = {
     "icemaze-reinforce-8x8-slippery": (["icemaze", "--algo", "reinforce", "--map", "8x8", "--slippery"],
                                        "after.eval/success_rate", None),
     "kl": (["kl"], None, None),
+    "pretrain-icemaze": (["pretrain", "--task", "icemaze"], AFTER, None),
+    "grpo-icemaze": (["grpo", "--task", "icemaze"], AFTER, "icemaze"),
+    "ppo-icemaze": (["ppo", "--task", "icemaze"], AFTER, "icemaze"),
+    "pretrain-calculator": (["pretrain", "--task", "calculator"], AFTER, None),
+    "grpo-calculator": (["grpo", "--task", "calculator"], AFTER, "calculator"),
     "pretrain": (["pretrain", "--task", "addition"], AFTER, None),
     "pretrain-sort": (["pretrain", "--task", "sort"], AFTER, None),
     "grpo": (["grpo", "--task", "addition"], AFTER, "addition"),
@@ -83,7 +88,9 @@ CHAPTERS = {
     "rlhf-ppo-kl": (["ppo", "--task", "addition", "--reward-model", "{reward-model}", *RLHF_RECIPE, "--kl-coef",
                      RLHF_REMEDY_KL], AFTER, "addition"),
 }
-RL_CHAPTERS = {"grpo", "grpo-sort", "ppo", "dpo"}
+RL_CHAPTERS = {"grpo", "grpo-sort", "ppo", "dpo", "grpo-icemaze", "ppo-icemaze", "grpo-calculator"}
+PRETRAIN_OF = {"addition": "pretrain", "sort": "pretrain-sort", "icemaze": "pretrain-icemaze",
+               "calculator": "pretrain-calculator"}  # task -> the chapter whose checkpoint the RL runs start from
 RLHF = {"reward-model", "reward-model-clean", "rlhf-ppo", "rlhf-ppo-kl"}  # no control; each under 10 minutes
 RLHF_LIMIT_S = 600
 FAMILIES = {"grpo-family": "addition", "grpo-family-sort": "sort"}  # name -> task: every --variant, one overlay
@@ -135,12 +142,13 @@ def main():
         parser.error(f"unknown chapters: {', '.join(sorted(unknown))}")
     out = Path(args.out or ROOT / "benchmarks" / "results" / datetime.now().strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
-    checkpoints = {"addition": args.pretrained, "sort": args.pretrained_sort, "reward-model": None}
+    checkpoints = {"addition": args.pretrained, "sort": args.pretrained_sort, "icemaze": None, "calculator": None,
+                   "reward-model": None}
     results = []
 
     def pretrained_for(task):
         if checkpoints[task] is None:
-            name = "pretrain" if task == "addition" else "pretrain-sort"
+            name = PRETRAIN_OF[task]
             print(f"[{name}] needed first", flush=True)
             results.append(bench(name))
         return checkpoints[task]
@@ -179,8 +187,10 @@ def main():
                 row["phases_ms_per_step"] = {k: round(v["mean_s"] * 1000, 2) for k, v in phase_profile(run_dir).items()}
             except Exception as e:  # a chapter without phase timings
                 row["phases_ms_per_step"] = {"error": str(e)}
-        if name.startswith("pretrain") and code == 0:
-            checkpoints["addition" if name == "pretrain" else "sort"] = run_dir / "checkpoint"
+        if name in PRETRAIN_OF.values() and code == 0:
+            checkpoints[next(t for t, n in PRETRAIN_OF.items() if n == name)] = run_dir / "checkpoint"
+        if "--task" in cmd and cmd[cmd.index("--task") + 1] == "icemaze" and (run_dir / "config.json").exists():
+            row["optimal"] = icemaze_optimum(run_dir)
         if name == "reward-model" and code == 0:
             checkpoints["reward-model"] = run_dir / "checkpoint"
         if name in RLHF:
@@ -388,7 +398,8 @@ def main():
         phases = r.get("phases_ms_per_step", {})
         top = ", ".join(f"{k} {v}" for k, v in list(phases.items())[:3] if isinstance(v, (int, float)))
         fmt = lambda v: f"{v:.1%}" if isinstance(v, float) else "-"  # noqa: E731
-        lines.append(f"| {r['chapter']} | {r['status']} | {r['wall_s']:.0f} s | {fmt(r.get('before', r.get('optimal')))} | "
+        optimal = r.get("optimal", {}).get("all") if isinstance(r.get("optimal"), dict) else r.get("optimal")
+        lines.append(f"| {r['chapter']} | {r['status']} | {r['wall_s']:.0f} s | {fmt(r.get('before', optimal))} | "
                      f"{fmt(r.get('final'))} | {fmt(r.get('control', {}).get('final'))} | {top} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -638,6 +649,17 @@ def pass_at_k_table(passes):
         cells = [f"{figures[k]:.1%}" if k in figures else "-" for k in ["eval/accuracy", *ks]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def icemaze_optimum(run_dir):
+    """The best any policy can do on the run's held-out episodes (value iteration, same boards, same move limit)."""
+    from mlx_rl.data.envs import IceMazeTask
+
+    cfg = json.loads((run_dir / "config.json").read_text())
+    task = IceMazeTask(cfg["map"], cfg["slippery"], cfg.get("max_turns", 0), seed=cfg["seed"])
+    rows = task.heldout_rows(cfg["eval_prompts"], cfg["seed"])
+    starts = [r for r in rows if r["kind"] == "start"]
+    return {"all": task.optimal_success(rows), "start": task.optimal_success(starts)}
 
 
 def first_eval_of_checkpoint(ckpt, task, json_path):

@@ -64,3 +64,26 @@ def test_resume_refuses_a_changed_fixed_setting_and_allows_a_resumable_one():
         check_resume_changes(GRPOConfig, saved, {"group_size": 16})
     check_resume_changes(GRPOConfig, saved, {"lr": 3e-4, "steps": 100})  # resumable: no error
     check_resume_changes(GRPOConfig, saved, {"group_size": 8})  # unchanged: no error
+
+
+def test_a_task_brings_its_own_defaults_and_a_flag_or_file_still_wins(tmp_path):
+    from click.testing import CliRunner
+
+    from mlx_rl.config import command
+    from mlx_rl.data.envs import TASK_CHAPTER_DEFAULTS
+
+    seen = []
+    cmd = command("pretrain", PretrainConfig, seen.append, "test")
+    runner = CliRunner()
+    assert runner.invoke(cmd, ["--task", "addition"]).exit_code == 0
+    assert runner.invoke(cmd, ["--task", "icemaze"]).exit_code == 0
+    assert runner.invoke(cmd, ["--task", "icemaze", "--steps", "7"]).exit_code == 0
+    (tmp_path / "c.yaml").write_text("task: calculator\neval-every: 3\n")
+    assert runner.invoke(cmd, ["-c", str(tmp_path / "c.yaml")]).exit_code == 0
+    addition, icemaze, flag, from_file = seen
+    assert addition.steps == PretrainConfig().steps == 3000
+    assert icemaze.steps == TASK_CHAPTER_DEFAULTS["icemaze"]["pretrain"]["steps"] != addition.steps
+    assert flag.steps == 7
+    assert from_file.steps == TASK_CHAPTER_DEFAULTS["calculator"]["pretrain"]["steps"] and from_file.eval_every == 3
+    help_text = " ".join(runner.invoke(cmd, ["--help"]).output.split())
+    assert "--task icemaze 300" in help_text
