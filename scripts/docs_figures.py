@@ -114,13 +114,19 @@ def figures_in(text):
 
 
 def recorded_numbers(folder):
-    """Every number in a recorded run's files (JSON, text and tables; not the per-step metrics.jsonl, whose
-    thousands of values would match anything), as the texts a page may print it as."""
+    """Every number in a recorded run's files (JSON, text and tables; of the per-step metrics.jsonl only the
+    held-out evaluations, `eval/...`: its thousands of other values would match anything), as the texts a page
+    may print it as."""
     texts = set()
     for f in Path(folder).rglob("*"):
-        if not f.is_file() or f.suffix not in (".json", ".txt", ".md", ".csv"):
+        if f.name == "metrics.jsonl":  # of the per-step rows, only the held-out evaluations' figures
+            content = " ".join(f"{v}" for line in f.read_text().splitlines() if line.strip()
+                               for k, v in json.loads(line).items() if k.startswith("eval/"))
+        elif not f.is_file() or f.suffix not in (".json", ".txt", ".md", ".csv"):
             continue
-        for token in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", f.read_text(errors="replace")):
+        else:
+            content = f.read_text(errors="replace")
+        for token in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", content):
             try:
                 v = float(token)
             except ValueError:
@@ -157,7 +163,7 @@ def blocks(text):
 def untraced():
     """[(page, line, figure)] for every figure that is in no file of the runs cited next to it, and not marked
     as arithmetic. A figure is traced by a link to its run (docs/runs/NAME/...) in its own paragraph or table,
-    or in the paragraph just before it (the sentence that introduces a table)."""
+    or earlier in the same section (since the last heading)."""
     cache, missing = {}, []
 
     def numbers(names):
@@ -169,14 +175,15 @@ def untraced():
         return known
 
     for page in doc_pages():
-        previous = []
+        section = []  # the runs cited so far in this section (since the last heading)
         for start, block in blocks(page.read_text()):
-            cited = cited_runs(block)
-            known = numbers(cited + previous)
+            if block.lstrip().startswith("#"):
+                section = []
+            section += cited_runs(block)
+            known = numbers(sorted(set(section)))
             for n, fig, number, unit in figures_in(block):
                 if number not in known:
                     missing.append((page.relative_to(ROOT), start + n - 1, fig))
-            previous = cited
     return missing
 
 
