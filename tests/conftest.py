@@ -33,3 +33,14 @@ def trained_micro(tmp_path_factory):
     main(["pretrain", "--preset", "micro", "--steps", "150", "--batch-size", "32", "--eval-every", "0",
           "--eval-prompts", "50", "--out", str(out)])
     return out, out / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def addition_plateau(tmp_path_factory):
+    """The pretraining chapter's default run on addition (the plateau every RL chapter starts from), made once
+    for the slow suite's default-run tests of GRPO, PPO and DPO: its checkpoint directory."""
+    from mlx_rl.cli import main
+
+    out = tmp_path_factory.mktemp("plateau") / "pretrain"
+    main(["pretrain", "--task", "addition", "--out", str(out)])
+    return out / "checkpoint"

@@ -284,12 +284,11 @@ def test_cli_errors(tmp_path, micro_checkpoint, capsys):
 
 
 @pytest.mark.slow
-def test_default_run_gets_past_the_plateau(tmp_path):
-    """The issue's acceptance run: pretrain's default checkpoint, then the default DPO run (under 10 minutes)."""
+def test_default_run_gets_past_the_plateau(tmp_path, addition_plateau):
+    """Pretrain's default checkpoint, then the default DPO run (under 10 minutes)."""
     from mlx_rl.cli import main
 
-    main(["pretrain", "--out", str(tmp_path / "pretrain")])
-    main(["dpo", "--model", str(tmp_path / "pretrain" / "checkpoint"), "--out", str(tmp_path / "dpo")])
+    main(["dpo", "--model", str(addition_plateau), "--out", str(tmp_path / "dpo")])
     summary = json.loads((tmp_path / "dpo" / "summary.json").read_text())
     assert summary["after"]["eval/accuracy"] >= 0.85
     assert summary["after"]["eval/accuracy"] - summary["before"]["eval/accuracy"] >= 0.25

@@ -281,10 +281,9 @@ def test_cli_rejects_bad_settings(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_default_run_lifts_addition_past_the_plateau(tmp_path):
-    """The acceptance figure: pretrain's default checkpoint, then the default GRPO run (about 5 minutes here)."""
-    main(["pretrain", "--task", "addition", "--out", str(tmp_path / "pretrain")])
-    main(["grpo", "--task", "addition", "--model", str(tmp_path / "pretrain" / "checkpoint"), "--out", str(tmp_path / "grpo")])
+def test_default_run_lifts_addition_past_the_plateau(tmp_path, addition_plateau):
+    """The acceptance figure: pretrain's default checkpoint, then the default GRPO run."""
+    main(["grpo", "--task", "addition", "--model", str(addition_plateau), "--out", str(tmp_path / "grpo")])
     summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
     assert summary["after"]["eval/accuracy"] >= 0.90
     assert summary["after"]["eval/accuracy"] - summary["before"]["eval/accuracy"] >= 0.25

@@ -334,16 +334,12 @@ def test_cli_runs_saves_value_head_and_resumes(tmp_path, micro_checkpoint, monke
 
 
 @pytest.mark.slow
-def test_default_run_lifts_accuracy(tmp_path):
+def test_default_run_lifts_accuracy(tmp_path, addition_plateau):
     """The chapter's claim: from the pretrain plateau to >= 90% and +25 points, in under 10 minutes."""
-    import os
     from mlx_rl.cli import main
 
-    ckpt = os.environ.get("MLX_RL_PRETRAIN_CKPT", "/work/ckpt/pretrain-default/checkpoint")
-    if not os.path.isdir(ckpt):
-        pytest.skip("no pretrain checkpoint")
     out = tmp_path / "ppo"
-    main(["ppo", "--model", ckpt, "--out", str(out)])
+    main(["ppo", "--model", str(addition_plateau), "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["after"]["eval/accuracy"] >= 0.9
     assert summary["after"]["eval/accuracy"] - summary["before"]["eval/accuracy"] >= 0.25
