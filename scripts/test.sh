@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install, then run the fast test suite, then the slow one (learning runs past the plateau, SIGKILL-and-resume
 # fault injection, llama.cpp agreement where its peer is installed), printing each part's time. This is what CI
-# runs (.ci/run). `bash scripts/test.sh --fast` runs the fast suite alone; other arguments go to pytest.
+# runs (.ci/run). `bash scripts/test.sh --fast` runs the fast suite alone; `--acceptance` adds the chapters'
+# default runs end to end (GRPO, PPO and DPO from the pretraining plateau, slippery Ice Maze's learners),
+# which take longer than CI's half hour allows; other arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -21,7 +23,9 @@ if [[ "$(uname -s)" == "Linux" ]] && ! command -v chromium >/dev/null 2>&1 && ! 
 fi
 
 FAST_ONLY=0
+ACCEPTANCE=0
 if [[ "${1:-}" == "--fast" ]]; then FAST_ONLY=1; shift; fi
+if [[ "${1:-}" == "--acceptance" ]]; then ACCEPTANCE=1; shift; fi
 status=0
 part() {  # part NAME PYTEST-ARGS...: run one part, print its time, remember a failure
     local name=$1 t=$SECONDS
@@ -33,6 +37,9 @@ part() {  # part NAME PYTEST-ARGS...: run one part, print its time, remember a f
 part "fast suite" "$@"
 if [[ $FAST_ONLY == 0 ]]; then
     part "slow suite" -m slow --durations=20 "$@"
+fi
+if [[ $ACCEPTANCE == 1 ]]; then  # the chapters' default runs end to end: longer than CI's half hour allows
+    part "acceptance suite" -m acceptance --durations=20 "$@"
 fi
 echo "== total: $((SECONDS - start)) s"
 exit $status

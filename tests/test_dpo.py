@@ -283,7 +283,7 @@ def test_cli_errors(tmp_path, micro_checkpoint, capsys):
 # --- the learning run ---------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_default_run_gets_past_the_plateau(tmp_path, addition_plateau):
     """Pretrain's default checkpoint, then the default DPO run (under 10 minutes)."""
     from mlx_rl.cli import main

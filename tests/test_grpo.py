@@ -280,7 +280,7 @@ def test_cli_rejects_bad_settings(tmp_path, capsys):
     assert e.value.code == 2
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_default_run_lifts_addition_past_the_plateau(tmp_path, addition_plateau):
     """The acceptance figure: pretrain's default checkpoint, then the default GRPO run."""
     main(["grpo", "--task", "addition", "--model", str(addition_plateau), "--out", str(tmp_path / "grpo")])

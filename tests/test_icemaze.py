@@ -271,7 +271,7 @@ def test_deterministic_learners_find_the_shortest_path(tmp_path, algo, board, sh
     assert summary["wall_s"] < 60
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 @pytest.mark.parametrize("algo", ["q_learning", "reinforce"])
 @pytest.mark.parametrize("board", ["4x4", "8x8"])
 def test_slippery_learners_match_value_iteration(tmp_path, algo, board):

@@ -333,7 +333,7 @@ def test_cli_runs_saves_value_head_and_resumes(tmp_path, micro_checkpoint, monke
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_default_run_lifts_accuracy(tmp_path, addition_plateau):
     """The chapter's claim: from the pretrain plateau to >= 90% and +25 points, in under 10 minutes."""
     from mlx_rl.cli import main
