@@ -525,9 +525,10 @@ def family_table(rows, task, before):
     return lines
 
 
-def plot_family(run_dirs, labels, path, title):
-    """One figure, four panels, one line per run: held-out accuracy, entropy, completion length, clip fraction
-    against seconds of training (from the first evaluation)."""
+def overlay_over_time(run_dirs, labels, panels, figsize):
+    """One panel per (metric, title), one line per run, against seconds of training (from the run's first
+    logged row): held-out accuracy as its evaluations (dots), every other metric smoothed over 3 steps.
+    Returns (plt, fig, axes) for the caller's own touches and saving (`save_overlay`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -535,68 +536,54 @@ def plot_family(run_dirs, labels, path, title):
 
     from mlx_rl.plots import load_run, moving_average
 
-    panels = [("eval/accuracy", "held-out greedy accuracy"), ("policy/entropy", "entropy (nats per token)"),
-              ("policy/completion_len", "completion length (tokens)"), ("policy/clipfrac", "clip fraction")]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=figsize)
     for run_dir, label in zip(run_dirs, labels):
         run = load_run(run_dir, label)
         t0 = min((float(s.wall[0]) for s in run.series.values() if len(s.wall)), default=0.0)
         for ax, (metric, _) in zip(axes, panels):
             if metric in run.series:
                 series = run.series[metric]
-                xs = series.wall - t0
                 if metric == "eval/accuracy":
-                    ax.plot(xs, series.values, label=label, lw=1.4, marker="o", ms=3)
+                    ax.plot(series.wall - t0, series.values, label=label, lw=1.4, marker="o", ms=3)
                 else:
-                    ax.plot(xs, moving_average(series.values, 3), label=label, lw=1.4)
+                    ax.plot(series.wall - t0, moving_average(series.values, 3), label=label, lw=1.4)
     for ax, (metric, name) in zip(axes, panels):
-        if metric == "policy/completion_len":
-            ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # from 0, with room above: a flat length stays visible
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("seconds of training", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8)
+    return plt, fig, axes
+
+
+def save_overlay(plt, fig, axes, path, title):
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def plot_family(run_dirs, labels, path, title):
+    """One figure, four panels, one line per run: held-out accuracy, entropy, completion length, clip fraction
+    against seconds of training (from the first evaluation)."""
+    panels = [("eval/accuracy", "held-out greedy accuracy"), ("policy/entropy", "entropy (nats per token)"),
+              ("policy/completion_len", "completion length (tokens)"), ("policy/clipfrac", "clip fraction")]
+    plt, fig, axes = overlay_over_time(run_dirs, labels, panels, figsize=(17, 3.6))
+    for ax, (metric, _) in zip(axes, panels):
+        if metric == "policy/completion_len":
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # from 0, with room above: a flat length stays visible
+        ax.tick_params(labelsize=8)
+    return save_overlay(plt, fig, axes, path, title)
 
 
 def plot_distill(run_dirs, labels, path, title):
     """Two panels, one line per run, against seconds of training (from the first evaluation): held-out greedy
     accuracy, and the exact reverse KL to the teacher on the student's samples (on-policy runs only)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mlx_rl.plots import load_run, moving_average
-
     panels = [("eval/accuracy", "held-out greedy accuracy"),
               ("distill/reverse_kl", "KL(student || teacher) on the student's samples (nats / token)")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for run_dir, label in zip(run_dirs, labels):
-        run = load_run(run_dir, label)
-        t0 = min((float(s.wall[0]) for s in run.series.values() if len(s.wall)), default=0.0)
-        for ax, (metric, _) in zip(axes, panels):
-            if metric in run.series:
-                series = run.series[metric]
-                values = series.values if metric == "eval/accuracy" else moving_average(series.values, 3)
-                ax.plot(series.wall - t0, values, label=label, lw=1.4, marker="o" if metric == "eval/accuracy" else None,
-                        ms=3)
-    for ax, (metric, name) in zip(axes, panels):
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("seconds of training", fontsize=9)
-        ax.grid(alpha=0.3)
+    plt, fig, axes = overlay_over_time(run_dirs, labels, panels, figsize=(11, 3.8))
     axes[0].set_ylim(0, 1.02)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_overlay(plt, fig, axes, path, title)
 
 
 def read_rows(run_dir):
