@@ -100,12 +100,12 @@ def write_tokenizer(directory, vocab_size):
 
 
 def build_checkpoint(name, directory):
-    """Random weights in mlx-lm's class for MODELS[name], float32, saved with its config and tokenizer."""
+    """Random weights in mlx-lm's class for MODELS[name] (or a config dict), float32, with its config and tokenizer."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
-    config = {**MODELS[name], "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    config = {**(MODELS[name] if isinstance(name, str) else name), "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model_class, args_class = _get_classes(config)
