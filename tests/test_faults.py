@@ -19,7 +19,7 @@ from mlx_rl.runs import read_jsonl
 
 pytestmark = pytest.mark.slow
 
-# long enough that random kills 0.5-5 s after a start still land mid-run with OpenBLAS's fast kernels
+# long enough for 14 kills, each a few steps after the last resume, to land mid-run
 PRETRAIN = ["pretrain", "--preset", "micro", "--steps", "400", "--batch-size", "8", "--eval-every", "100",
             "--eval-prompts", "20", "--save-every", "3"]
 GRPO = ["grpo", "--steps", "160", "--prompts-per-step", "4", "--group-size", "4", "--eval-every", "40", "--eval-prompts", "20",
@@ -43,6 +43,11 @@ def weights(path):
     return {k: np.array(v) for k, v in checkpoint_weights(path).items()}
 
 
+def logged_steps(out):
+    path = out / "metrics.jsonl"
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
 def killed_until_done(args, out, rng, random_kills, targeted):
     """Start the run, kill it at the targeted points and at random moments, resume until it finishes.
     Returns the number of kills."""
@@ -58,8 +63,14 @@ def killed_until_done(args, out, rng, random_kills, targeted):
                 return kills
             assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
         else:
+            # a random moment measured in the run's own progress, not in seconds: a fast machine finishes the run
+            # in a few seconds, so a wall-clock delay would often land after the end
+            start = logged_steps(out)
+            target, jitter = start + rng.randint(1, 12), rng.uniform(0.0, 0.05)
             p = subprocess.Popen(command(args, out, resume), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            time.sleep(rng.uniform(0.5, 5.0))
+            while p.poll() is None and logged_steps(out) < target:
+                time.sleep(0.005)
+            time.sleep(jitter)
             if p.poll() is not None:  # finished before the kill
                 assert p.returncode == 0, p.stderr.read()
                 return kills
