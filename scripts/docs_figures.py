@@ -14,7 +14,9 @@ machine's load, which timings depend on). Checkpoints and plots stay behind.
 and looks for it in the files of the recorded runs linked next to it (docs/runs/NAME/..., in the same paragraph
 or table or the one just before: summary.json, tables, command and load files; not metrics.jsonl); a figure
 worked out from those is marked on its line with
-`<!-- arithmetic: how -->`, and is then not looked up. A figure found nowhere is listed.
+`<!-- arithmetic: how -->`, and a figure that is no measurement at all (an option's value, a threshold, a
+definition or a worked example) with `<!-- setting: which -->`; neither is then looked up. A figure found
+nowhere is listed.
 
 Every figure on a docs page is a file this script copies out of that run (RUN/plots/<group>.png becomes
 docs/img/<run name>-<group>.png, the RL-versus-control overlays docs/img/<run name>-vs-control-<group>.png,
@@ -103,7 +105,7 @@ def figures_in(text):
         if line.lstrip().startswith("```"):
             in_code = not in_code
             continue
-        if in_code or "<!-- arithmetic:" in line:
+        if in_code or "<!-- arithmetic:" in line or "<!-- setting:" in line:
             continue
         prose = re.sub(r"<!--.*?-->", "", line)
         prose = re.sub(r"\]\([^)]*\)", "]", prose)  # link targets
@@ -190,7 +192,7 @@ def untraced():
 def check():
     missing = untraced()
     for page, n, text in missing:
-        print(f"{page}:{n}: {text} is in no file under docs/runs/ (and not marked <!-- arithmetic: ... -->)")
+        print(f"{page}:{n}: {text} is in no file under docs/runs/ (and not marked <!-- arithmetic: ... --> or <!-- setting: ... -->)")
     print(f"{len(missing)} untraced figure(s)")
     return 1 if missing else 0
 
