@@ -33,7 +33,8 @@ and the exact reverse KL to the teacher against seconds of training: distill-add
 
 Stale rollouts (`staleness`): GRPO on addition with `--rollout-staleness` 0, 2 and 8, each without and with
 `--is-correction token-tis`, from the same checkpoint: held-out accuracy against steps in one figure
-(staleness-addition.png) and a table (staleness-addition.md).
+(staleness-addition.png) and a table (staleness-addition.md); `staleness-sort` the same on sort, from the sort
+pretraining checkpoint (staleness-sort.png, staleness-sort.md).
 """
 
 import argparse
@@ -99,7 +100,7 @@ FAMILY_LIMIT_S = 600  # each variant's run should take under 10 minutes here
 PASS_K = "1,8,64"
 DISTILL = {"distill": "tiny", "distill-micro": "micro"}  # name -> the student's preset
 DISTILL_LIMIT_S = 300  # each distillation run should take under 5 minutes here
-STALENESS = {"staleness": "addition"}
+STALENESS = {"staleness": "addition", "staleness-sort": "sort"}
 STALE_KS, STALE_CORRECTION = (0, 2, 8), "token-tis"
 
 
