@@ -16,7 +16,8 @@ from mlx_lm.utils import _get_classes
 from mlx_rl.engine.logprobs import completion_batch, token_logprobs, top_p_filter
 from mlx_rl.engine.models import new_tiny_model
 from mlx_rl.data.datasets import prompt_messages, prompt_text
-from mlx_rl.engine.sampling import PaddedKVCache, batch_cache, distinct_rows, encode_prompts, generate, row_keys
+from mlx_rl.engine.sampling import (PaddedKVCache, batch_cache, concat_rollouts, distinct_rows, encode_prompts, generate,
+                                    row_keys)
 
 ATOL = 1e-5
 PROMPTS = ["12+34=", "1+2=", "sort:5391=", "x", "12+34=", "1+2=", "12+34=", "hello"]
@@ -205,6 +206,29 @@ def test_a_rows_sample_depends_on_its_key_not_on_the_rest_of_the_batch(micro):
     shuffled = np.array(generate(model, tokenizer, prompts[::-1], 6, keys=keys[::-1]).completion_ids)
     assert shuffled[::-1].tolist() == batch.tolist()
     assert len({tuple(row) for row in batch[::4]}) > 1  # one prompt, four keys: not one completion
+
+
+def test_a_batch_sampled_in_chunks_and_joined_is_the_whole_batch(micro):
+    """GRPO's --rollout-batch: chunks of rows, each with its rows' keys, joined by concat_rollouts, give the
+    batch's ids, masks and texts exactly and its log-probs to 1e-5, including a chunk whose rows all stopped
+    before the batch's longest (padded on joining)."""
+    model, tokenizer = micro
+    prompts = [p for p in ["12+34=", "5+6=", "1+2=", "sort:5391=", "x", "hello"] for _ in range(2)]
+    mx.random.seed(5)
+    keys = row_keys(len(prompts))
+    whole = generate(model, tokenizer, prompts, 8, keys=keys)
+    for size in (2, 4, 8):
+        parts = [generate(model, tokenizer, prompts[i : i + size], 8, keys=keys[i : i + size])
+                 for i in range(0, len(prompts), size)]
+        if size == 2:
+            assert min(p.completion_ids.shape[1] for p in parts) < whole.completion_ids.shape[1]  # padding is tested
+        joined = concat_rollouts(parts, tokenizer.pad_token_id)
+        assert np.array(joined.completion_ids).tolist() == np.array(whole.completion_ids).tolist()
+        assert joined.completion_ids.dtype == mx.int32
+        np.testing.assert_array_equal(np.array(joined.mask), np.array(whole.mask))
+        np.testing.assert_allclose(np.array(joined.logprobs), np.array(whole.logprobs), atol=ATOL)
+        assert (joined.texts, joined.finish_reasons, joined.prompt_ids) == (whole.texts, whole.finish_reasons,
+                                                                             whole.prompt_ids)
 
 
 def test_fixed_length_prompts_use_the_maskless_fast_path(micro):

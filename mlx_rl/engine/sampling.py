@@ -72,6 +72,24 @@ class Rollout:
         return self.mask.sum(axis=1)  # (B,)
 
 
+def concat_rollouts(parts, pad_id):
+    """Rollouts of consecutive rows as one, each completion right-padded to the longest (pad id, log-prob 0,
+    mask 0: what a row that stopped early holds in a batch of its own)."""
+    N = max(p.completion_ids.shape[1] for p in parts)
+
+    def column(get, value=0):  # (B, N) from each part's (b, n)
+        return mx.concatenate([mx.pad(get(p), [(0, 0), (0, N - get(p).shape[1])], constant_values=value) for p in parts])
+
+    rollout = Rollout(
+        [x for p in parts for x in p.prompts], [x for p in parts for x in p.prompt_ids],
+        column(lambda p: p.completion_ids, pad_id), column(lambda p: p.logprobs), column(lambda p: p.mask),
+        [x for p in parts for x in p.finish_reasons], [x for p in parts for x in p.texts])
+    if parts[0].episodes is not None:  # episodes (episodes.py): their environment's tokens and outcomes
+        rollout.env_mask = column(lambda p: p.env_mask)
+        rollout.episodes = type(parts[0].episodes).concat([p.episodes for p in parts], N)
+    return rollout
+
+
 def encode_prompts(tokenizer, prompts, chat_template=False):
     """Token ids of each prompt, BOS included (as `mlx_lm generate` encodes them).
 
