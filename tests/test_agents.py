@@ -181,7 +181,7 @@ class CountingEnv(ScriptedEnv):
 
 
 def test_episodes_sampled_in_chunks_are_the_whole_batch(micro_model):
-    """GRPO's --rollout-batch with an environment: a group's episodes per sampler call, joined, give the batch's
+    """GRPO's --sample-batch with an environment: a group's episodes per sampler call, joined, give the batch's
     transcripts, tokens, masks, outcomes and counters (log-probs to 1e-5)."""
     import types
 
@@ -193,7 +193,7 @@ def test_episodes_sampled_in_chunks_are_the_whole_batch(micro_model):
     rows = [{"prompt": p} for p in ["12+34=", "5+6=", "99+1=", "7"]]
     mx.random.seed(3)  # chunks of 2 rows: of different widths, and some without the counter
     keys = row_keys(len(rows) * 2)
-    out = {n: grpo.rollout_batch(session, rows, grpo.GRPOConfig(group_size=2, rollout_batch=n), 0, keys) for n in (0, 2, 6)}
+    out = {n: grpo.rollout_batch(session, rows, grpo.GRPOConfig(group_size=2, sample_batch=n), 0, keys) for n in (0, 2, 6)}
     whole, _, scores = out[0]
     assert set(whole.episodes.info["turns_seen"]) > {0.0}  # some rows report the counter, some don't
     for n in (2, 6):

@@ -236,8 +236,8 @@ def test_all_zero_signal_batch_takes_no_step(micro):
     assert "time/forward_backward_s" not in times and reference.calls == 0
 
 
-def test_rollout_batch_samples_in_chunks_with_the_same_result(micro, monkeypatch):
-    """--rollout-batch N samples N rows per sampler call; every row keeps its own key, so the ids are the same
+def test_sample_batch_samples_in_chunks_with_the_same_result(micro, monkeypatch):
+    """--sample-batch N samples N rows per sampler call; every row keeps its own key, so the ids are the same
     exactly, and the sampler's log-probs, the rewards, the step's metrics and the updated weights to 1e-5,
     for N = all rows at once (0, today's run), a group, and two groups (the last chunk one group)."""
     base, tokenizer, _ = micro
@@ -262,7 +262,7 @@ def test_rollout_batch_samples_in_chunks_with_the_same_result(micro, monkeypatch
         model.update(base.parameters())
         task = get_task("addition")
         task.rewards = load_rewards([varied_reward])
-        cfg = grpo.GRPOConfig(group_size=4, prompts_per_step=3, kl_coef=0.05, epochs=2, rollout_batch=n)
+        cfg = grpo.GRPOConfig(group_size=4, prompts_per_step=3, kl_coef=0.05, epochs=2, sample_batch=n)
         variant = family.make_variant(cfg, task.max_new_tokens)
         timer = PhaseTimer()
         update = make_update(model, make_optimizer(1e-3, 10), grpo.make_loss_fn(cfg, variant), compile=False, timer=timer)
@@ -298,7 +298,7 @@ def test_cli_smoke_and_resume(tmp_path, micro, capsys):
     out = tmp_path / "run"
     args = ["grpo", "--model", str(ckpt), "--out", str(out), "--prompts-per-step", "2", "--group-size", "4",
             "--eval-prompts", "4", "--eval-every", "1", "--beta", "0.05", "--inner-iters", "2",
-            "--pass-k", "1,2", "--pass-k-prompts", "4"]
+            "--pass-k", "1,2", "--pass-k-prompts", "4", "--sample-batch", "4"]  # two sampler calls per step
     main(args + ["--steps", "2"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -332,10 +332,10 @@ def test_cli_rejects_bad_settings(tmp_path, capsys):
     assert e.value.code == 2
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # a group is sampled in one call
-        main(["grpo", "--model", str(tmp_path), "--group-size", "4", "--rollout-batch", "6"])
+        main(["grpo", "--model", str(tmp_path), "--group-size", "4", "--sample-batch", "6"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1
-    assert "--rollout-batch (6) must be a multiple of --group-size (4)" in err, err
+    assert "--sample-batch (6) must be a multiple of --group-size (4)" in err, err
 
 
 @pytest.mark.acceptance

@@ -209,7 +209,7 @@ def test_a_rows_sample_depends_on_its_key_not_on_the_rest_of_the_batch(micro):
 
 
 def test_a_batch_sampled_in_chunks_and_joined_is_the_whole_batch(micro):
-    """GRPO's --rollout-batch: chunks of rows, each with its rows' keys, joined by concat_rollouts, give the
+    """GRPO's --sample-batch: chunks of rows, each with its rows' keys, joined by concat_rollouts, give the
     batch's ids, masks and texts exactly and its log-probs to 1e-5, including a chunk whose rows all stopped
     before the batch's longest (padded on joining)."""
     model, tokenizer = micro

@@ -79,13 +79,13 @@ class GRPOConfig(LLMConfig, MemoryConfig, family.PassAtKConfig, family.VariantCo
     rollout_staleness: int = option(0, "sample each step's rollouts with the policy of K steps ago, as an asynchronous "
                                     "trainer does (a copy of the trainable weights is kept; 0: the current policy)",
                                     min=0)
-    rollout_batch: int = option(0, "rows the sampler generates at once, a multiple of --group-size: the step's rows are "
-                                "sampled in chunks of this many (a smaller KV cache, the same samples) and trained on "
-                                "as one batch (0: all at once)", min=0)
+    sample_batch: int = option(0, "rows the sampler generates at once, a multiple of --group-size: the step's rows are "
+                               "sampled in chunks of this many (a smaller KV cache, the same samples) and trained on "
+                               "as one batch (0: all at once)", min=0, resumable=True)
 
     def validate(self):
-        if self.rollout_batch % self.group_size:
-            raise MlxRlError(f"--rollout-batch ({self.rollout_batch}) must be a multiple of --group-size "
+        if self.sample_batch % self.group_size:
+            raise MlxRlError(f"--sample-batch ({self.sample_batch}) must be a multiple of --group-size "
                              f"({self.group_size}): a group is sampled in one call, its prompt prefilled once")
 
 
@@ -160,7 +160,7 @@ def rollout_batch(session, rows, cfg, max_new_tokens, keys=None):
     """Sample a group per prompt, score it. Returns (rollout, group rows, rewards (P, G) Scores).
 
     keys: one random key per row (sampling.row_keys); by default drawn for these rows.
-    --rollout-batch N samples N rows (whole groups) per call of the sampler and joins the parts; each row
+    --sample-batch N samples N rows (whole groups) per call of the sampler and joins the parts; each row
     samples from its own key, so the rollout is the same for any N.
     A task with an environment plays a group of G episodes per start instead (engine/episodes.py):
     the completion is the whole episode, and its reward the environment's (time/generate_s includes
@@ -171,7 +171,7 @@ def rollout_batch(session, rows, cfg, max_new_tokens, keys=None):
     env = getattr(session.task, "env", None)
     if keys is None:
         keys = row_keys(len(group_rows))  # drawn for every row before chunking
-    chunk = cfg.rollout_batch or len(group_rows)
+    chunk = cfg.sample_batch or len(group_rows)
     with session.timer("generate"):
         parts = []
         for begin in range(0, len(group_rows), chunk):
@@ -328,7 +328,7 @@ def train(cfg):
     session = start("grpo", cfg, precheck=batch_check(
         cfg.prompts_per_step * cfg.group_size, cfg.max_new_tokens,
         f"--prompts-per-step {cfg.prompts_per_step} x --group-size {cfg.group_size}"
-        + (f", --rollout-batch {cfg.rollout_batch}" if cfg.rollout_batch else ""), cfg.micro_batch, cfg.rollout_batch))
+        + (f", --sample-batch {cfg.sample_batch}" if cfg.sample_batch else ""), cfg.micro_batch, cfg.sample_batch))
     env = getattr(session.task, "env", None)
     if env is not None:  # an episode's length: every model turn at its longest (the constant aggregation's L)
         N = env.max_turns * env.max_turn_tokens
