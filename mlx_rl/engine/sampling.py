@@ -283,15 +283,15 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
     decoding = np.arange(B)  # (b,) which rows of the batch they are
     out_tokens, out_logprobs, out_mask = [], [], []
     for step in range(max_new_tokens):
-        logprobs = sampled_distribution(logits, temperature, top_p)  # (B, V)
+        logprobs = sampled_distribution(logits, temperature, top_p)  # (b, V)
         if temperature > 0:
-            split = _split_keys(keys)  # (B, 2, 2)
-            token = _categorical(split[:, 0], logprobs)  # (B,)
+            split = _split_keys(keys)  # (b, 2, 2)
+            token = _categorical(split[:, 0], logprobs)  # (b,)
             keys = split[:, 1]
         else:
             token = mx.argmax(logprobs, axis=-1)
         token = token.astype(mx.int32)
-        token_logprob = mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]  # (B,)
+        token_logprob = mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]  # (b,)
         alive = mx.logical_not(finished)
         out_tokens.append(widen(mx.where(alive, token, pad_id), decoding, B, pad_id))  # (B,)
         out_logprobs.append(widen(mx.where(alive, token_logprob, 0.0), decoding, B, 0.0))
@@ -299,7 +299,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
         finished = mx.logical_or(finished, (token[:, None] == eos_ids[None, :]).any(axis=1))
         if step == max_new_tokens - 1:
             break
-        logits = model(token[:, None], cache=cache)[:, -1, :]  # (B, V)
+        logits = model(token[:, None], cache=cache)[:, -1, :]  # (b, V)
         mx.async_eval(logits, finished, out_tokens[-1], out_logprobs[-1], *([keys] if keys is not None else []))
         done = np.array(finished)  # the one sync per step; stops as soon as every row is done
         if done.all():
