@@ -326,7 +326,8 @@ def test_the_memory_check_sizes_the_sampler_by_the_rows_sampled_at_once(monkeypa
     from mlx_rl.engine import session
 
     model, _ = make_model()
-    config = {"vocab_size": 4_000_000, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}  # the logits dominate a row
+    # a large vocabulary: a row's sampling memory is mostly its one position of logits
+    config = {"vocab_size": 4_000_000, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}
     weights = 16 * sum(v.size for _, v in tree_flatten(model.parameters()))
     per_row = 4 * 2 * 8 * 10 + 8 * 4_000_000  # the KV cache of 10 tokens and one position's logits
     monkeypatch.setattr(session, "available_memory_bytes", lambda: weights + 20 * per_row)
