@@ -7,6 +7,7 @@ environment runs end to end through grpo, ppo and eval, and a broken one is one 
 plateaus and GRPO gets past it on both built-in environments.
 """
 
+import contextlib
 import json
 import re
 import subprocess
@@ -169,6 +170,43 @@ def test_episodes_do_not_depend_on_the_batch_they_are_in(micro_model):
         for b in range(4):
             alone = play(model, tokenizer, rows[b : b + 1], spec, 1.0, keys=keys[b : b + 1])
             assert whole.texts[b] == alone.texts[0], (seed, b)
+
+
+class CountingEnv(ScriptedEnv):
+    """ScriptedEnv with a counter that only some rows report (the others count as 0)."""
+
+    @property
+    def info(self):
+        return {"turns_seen": float(self.turn)} if self.k == 0 else {}
+
+
+def test_episodes_sampled_in_chunks_are_the_whole_batch(micro_model):
+    """GRPO's --sample-batch with an environment: a group's episodes per sampler call, joined, give the batch's
+    transcripts, tokens, masks, outcomes and counters (log-probs to 1e-5)."""
+    import types
+
+    from mlx_rl.engine.sampling import row_keys
+
+    model, tokenizer, _ = micro_model
+    task = types.SimpleNamespace(env=EnvSpec(CountingEnv, "counting", max_turns=3, max_turn_tokens=5))
+    session = types.SimpleNamespace(model=model, tokenizer=tokenizer, task=task, timer=lambda name: contextlib.nullcontext())
+    rows = [{"prompt": p} for p in ["12+34=", "5+6=", "99+1=", "7"]]
+    mx.random.seed(3)  # chunks of 2 rows: of different widths, and some without the counter
+    keys = row_keys(len(rows) * 2)
+    out = {n: grpo.rollout_batch(session, rows, grpo.GRPOConfig(group_size=2, sample_batch=n), 0, keys) for n in (0, 2, 6)}
+    whole, _, scores = out[0]
+    assert set(whole.episodes.info["turns_seen"]) > {0.0}  # some rows report the counter, some don't
+    for n in (2, 6):
+        r, _, s = out[n]
+        assert r.texts == whole.texts and np.array(r.completion_ids).tolist() == np.array(whole.completion_ids).tolist()
+        for name in ("mask", "env_mask"):
+            np.testing.assert_array_equal(np.array(getattr(r, name)), np.array(getattr(whole, name)))
+        np.testing.assert_allclose(np.array(r.logprobs), np.array(whole.logprobs), atol=1e-5)
+        for name in ("rewards", "solved", "turns", "truncated", "turn_rewards"):
+            np.testing.assert_array_equal(getattr(r.episodes, name), getattr(whole.episodes, name))
+        assert r.episodes.info.keys() == whole.episodes.info.keys() and r.episodes.transcripts == whole.episodes.transcripts
+        np.testing.assert_array_equal(r.episodes.info["turns_seen"], whole.episodes.info["turns_seen"])
+        np.testing.assert_array_equal(s.total, scores.total)
 
 
 # --- only the model's tokens are trained ----------------------------------------------------------------

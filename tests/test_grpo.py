@@ -236,6 +236,58 @@ def test_all_zero_signal_batch_takes_no_step(micro):
     assert "time/forward_backward_s" not in times and reference.calls == 0
 
 
+def test_sample_batch_samples_in_chunks_with_the_same_result(micro, monkeypatch):
+    """--sample-batch N samples N rows per sampler call; every row keeps its own key, so the ids are the same
+    exactly, and the sampler's log-probs, the rewards, the step's metrics and the updated weights to 1e-5,
+    for N = all rows at once (0, today's run), a group, and two groups (the last chunk one group)."""
+    base, tokenizer, _ = micro
+    calls, captured = [], {}
+    real_generate, real_rollout_batch = grpo.generate, grpo.rollout_batch
+
+    def generate(model, tokenizer, rows, *args, **kw):
+        calls[-1].append(len(rows))
+        return real_generate(model, tokenizer, rows, *args, **kw)
+
+    def rollout_batch(*args, **kw):
+        out = real_rollout_batch(*args, **kw)
+        captured[n] = out
+        return out
+
+    monkeypatch.setattr(grpo, "generate", generate)
+    monkeypatch.setattr(grpo, "rollout_batch", rollout_batch)
+    results = {}
+    for n in (0, 4, 8):
+        calls.append([])
+        model = type(base)(base.args)
+        model.update(base.parameters())
+        task = get_task("addition")
+        task.rewards = load_rewards([varied_reward])
+        cfg = grpo.GRPOConfig(group_size=4, prompts_per_step=3, kl_coef=0.05, epochs=2, sample_batch=n)
+        variant = family.make_variant(cfg, task.max_new_tokens)
+        timer = PhaseTimer()
+        update = make_update(model, make_optimizer(1e-3, 10), grpo.make_loss_fn(cfg, variant), compile=False, timer=timer)
+        session = types.SimpleNamespace(model=model, tokenizer=tokenizer, task=task, rng=np.random.default_rng(0),
+                                        timer=timer, world=World(), reference=Reference(model), step=0, cfg=cfg)
+        mx.random.seed(0)
+        row, _ = grpo.grpo_step(session, cfg, variant, update, task.max_new_tokens)
+        results[n] = model, row
+    assert calls == [[12], [4, 4, 4], [8, 4]]
+    rollout0, rows0, scores0 = captured[0]
+    model0, row0 = results[0]
+    assert row0["grpo/skipped"] == 0.0 and param_diff(model0.parameters(), base.parameters()) > 0  # a real update
+    for n in (4, 8):
+        rollout, rows, scores = captured[n]
+        assert np.array(rollout.completion_ids).tolist() == np.array(rollout0.completion_ids).tolist() and rows == rows0
+        np.testing.assert_array_equal(np.array(rollout.mask), np.array(rollout0.mask))
+        np.testing.assert_allclose(np.array(rollout.logprobs), np.array(rollout0.logprobs), atol=1e-5)
+        np.testing.assert_allclose(scores.total, scores0.total, atol=1e-5)
+        model, row = results[n]
+        assert param_diff(model.parameters(), model0.parameters()) < 1e-5
+        assert row.keys() == row0.keys()
+        for k in row0:
+            assert row[k] == pytest.approx(row0[k], abs=1e-5), k
+
+
 # --- the command ------------------------------------------------------------------------
 
 
@@ -246,7 +298,7 @@ def test_cli_smoke_and_resume(tmp_path, micro, capsys):
     out = tmp_path / "run"
     args = ["grpo", "--model", str(ckpt), "--out", str(out), "--prompts-per-step", "2", "--group-size", "4",
             "--eval-prompts", "4", "--eval-every", "1", "--beta", "0.05", "--inner-iters", "2",
-            "--pass-k", "1,2", "--pass-k-prompts", "4"]
+            "--pass-k", "1,2", "--pass-k-prompts", "4", "--sample-batch", "4"]  # two sampler calls per step
     main(args + ["--steps", "2"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -278,6 +330,12 @@ def test_cli_rejects_bad_settings(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["grpo", "--model", str(tmp_path), "--clip-eps", "0"])
     assert e.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # a group is sampled in one call
+        main(["grpo", "--model", str(tmp_path), "--group-size", "4", "--sample-batch", "6"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--sample-batch (6) must be a multiple of --group-size (4)" in err, err
 
 
 @pytest.mark.acceptance

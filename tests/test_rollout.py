@@ -16,7 +16,8 @@ from mlx_lm.utils import _get_classes
 from mlx_rl.engine.logprobs import completion_batch, token_logprobs, top_p_filter
 from mlx_rl.engine.models import new_tiny_model
 from mlx_rl.data.datasets import prompt_messages, prompt_text
-from mlx_rl.engine.sampling import PaddedKVCache, batch_cache, distinct_rows, encode_prompts, generate, row_keys
+from mlx_rl.engine.sampling import (PaddedKVCache, batch_cache, concat_rollouts, distinct_rows, encode_prompts, generate,
+                                    row_keys)
 
 ATOL = 1e-5
 PROMPTS = ["12+34=", "1+2=", "sort:5391=", "x", "12+34=", "1+2=", "12+34=", "hello"]
@@ -150,6 +151,48 @@ def test_top_p_filter_matches_numpy():
     np.testing.assert_allclose(out, [[0.625, 0.375, 0, 0], [0, 0, 0.375, 0.625]], atol=1e-6)
 
 
+class RecordingModel:
+    """A model that records the rows of every call (mlx-lm's cache protocol reads its layers)."""
+
+    def __init__(self, model):
+        self.model, self.layers, self.rows = model, model.layers, []
+
+    def __call__(self, tokens, cache=None):
+        self.rows.append(tokens.shape[0])
+        return self.model(tokens, cache=cache)
+
+
+@pytest.mark.parametrize("model_type,prompts", [
+    ("micro", PROMPTS * 3),  # left-padded prompts: PaddedKVCache with a mask
+    ("llama", ["12+34=", "56+78=", "90+12="] * 8),  # no padding: the maskless fast path
+    ("gemma3_text", PROMPTS * 3),  # sliding-window layers: mlx-lm's batched caches
+])
+def test_finished_rows_leave_the_batch_and_change_nothing(micro, model_type, prompts):
+    """drop_finished: rows that reached EOS are left out of later decoding steps; every row's ids, mask and text
+    are the same as decoding the whole batch to the end, and its log-probs to 1e-5."""
+    model, tokenizer = micro
+    if model_type != "micro":
+        model = arch_model(model_type, tokenizer, **({"sliding_window": 4, "sliding_window_pattern": 2,
+                                                      "query_pre_attn_scalar": 32} if model_type == "gemma3_text" else {}))
+    # a third of the vocabulary is EOS, so rows stop at different steps (as in test_rows_stop_at_their_own_eos)
+    tok = SimpleNamespace(pad_token_id=0, eos_token_ids=set(range(2, len(tokenizer.vocab), 3)),
+                          encode=tokenizer.encode, decode=tokenizer.decode)
+    mx.random.seed(3)
+    keys = row_keys(len(prompts))
+    runs = {}
+    for drop in (True, False):
+        recording = RecordingModel(model)
+        runs[drop] = generate(recording, tok, prompts, 8, keys=keys, drop_finished=drop), recording.rows
+    (dropped, calls), (whole, whole_calls) = runs[True], runs[False]
+    assert len(set(np.array(whole.mask).sum(axis=1))) > 2  # rows stopped at different steps
+    assert calls[1:] != whole_calls[1:] and min(calls[1:]) < len(prompts)  # later calls decoded fewer rows
+    assert set(whole_calls[1:]) == {len(prompts)}
+    assert np.array(dropped.completion_ids).tolist() == np.array(whole.completion_ids).tolist()
+    np.testing.assert_array_equal(np.array(dropped.mask), np.array(whole.mask))
+    np.testing.assert_allclose(np.array(dropped.logprobs), np.array(whole.logprobs), atol=ATOL)
+    assert (dropped.texts, dropped.finish_reasons) == (whole.texts, whole.finish_reasons)
+
+
 def test_padding_in_the_batch_changes_nothing(micro):
     """Greedy completions of each prompt alone equal those sampled inside a mixed-length batch."""
     model, tokenizer = micro
@@ -205,6 +248,29 @@ def test_a_rows_sample_depends_on_its_key_not_on_the_rest_of_the_batch(micro):
     shuffled = np.array(generate(model, tokenizer, prompts[::-1], 6, keys=keys[::-1]).completion_ids)
     assert shuffled[::-1].tolist() == batch.tolist()
     assert len({tuple(row) for row in batch[::4]}) > 1  # one prompt, four keys: not one completion
+
+
+def test_a_batch_sampled_in_chunks_and_joined_is_the_whole_batch(micro):
+    """GRPO's --sample-batch: chunks of rows, each with its rows' keys, joined by concat_rollouts, give the
+    batch's ids, masks and texts exactly and its log-probs to 1e-5, including a chunk whose rows all stopped
+    before the batch's longest (padded on joining)."""
+    model, tokenizer = micro
+    prompts = [p for p in ["12+34=", "5+6=", "1+2=", "sort:5391=", "x", "hello"] for _ in range(2)]
+    mx.random.seed(5)
+    keys = row_keys(len(prompts))
+    whole = generate(model, tokenizer, prompts, 8, keys=keys)
+    for size in (2, 4, 8):
+        parts = [generate(model, tokenizer, prompts[i : i + size], 8, keys=keys[i : i + size])
+                 for i in range(0, len(prompts), size)]
+        if size == 2:
+            assert min(p.completion_ids.shape[1] for p in parts) < whole.completion_ids.shape[1]  # padding is tested
+        joined = concat_rollouts(parts, tokenizer.pad_token_id)
+        assert np.array(joined.completion_ids).tolist() == np.array(whole.completion_ids).tolist()
+        assert joined.completion_ids.dtype == mx.int32
+        np.testing.assert_array_equal(np.array(joined.mask), np.array(whole.mask))
+        np.testing.assert_allclose(np.array(joined.logprobs), np.array(whole.logprobs), atol=ATOL)
+        assert (joined.texts, joined.finish_reasons, joined.prompt_ids) == (whole.texts, whole.finish_reasons,
+                                                                             whole.prompt_ids)
 
 
 def test_fixed_length_prompts_use_the_maskless_fast_path(micro):

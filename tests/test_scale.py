@@ -320,6 +320,24 @@ def test_auto_micro_batch_chooses_from_the_free_memory_and_says_so(monkeypatch, 
     assert_trees_close(delta, full)
 
 
+def test_the_memory_check_sizes_the_sampler_by_the_rows_sampled_at_once(monkeypatch):
+    """GRPO's --sample-batch: the precheck's KV cache is of the rows the sampler decodes together, not the batch."""
+    from mlx_rl.config import MlxRlError
+    from mlx_rl.engine import session
+
+    model, _ = make_model()
+    # a large vocabulary: a row's sampling memory is mostly its one position of logits
+    config = {"vocab_size": 4_000_000, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}
+    weights = 16 * sum(v.size for _, v in tree_flatten(model.parameters()))
+    per_row = 4 * 2 * 8 * 10 + 8 * 4_000_000  # the KV cache of 10 tokens and one position's logits
+    monkeypatch.setattr(session, "available_memory_bytes", lambda: weights + 20 * per_row)
+    with pytest.raises(MlxRlError, match="sampling 64 rows x 10 tokens at once"):
+        session.check_memory(model, config, 64, 10, "64 rows", micro_batch=1)
+    session.check_memory(model, config, 64, 10, "64 rows", micro_batch=1, sample_rows=16)  # 16 rows fit
+    with pytest.raises(MlxRlError, match="sampling 32 rows"):
+        session.check_memory(model, config, 64, 10, "64 rows", micro_batch=1, sample_rows=32)
+
+
 # --- the commands --------------------------------------------------------------------------------------------------
 
 

@@ -53,7 +53,7 @@ from mlx_rl.engine import loop
 from mlx_rl.engine.evaluate import score_rows
 from mlx_rl.engine.logprobs import completion_batch, masked, token_logprobs
 from mlx_rl.engine.episodes import play
-from mlx_rl.engine.sampling import generate, row_keys
+from mlx_rl.engine.sampling import concat_rollouts, generate, row_keys
 from mlx_rl.engine.session import LLMConfig, MemoryConfig, batch_check, resolve_policy_model, start
 from mlx_rl.engine.update import current_lr
 
@@ -79,6 +79,14 @@ class GRPOConfig(LLMConfig, MemoryConfig, family.PassAtKConfig, family.VariantCo
     rollout_staleness: int = option(0, "sample each step's rollouts with the policy of K steps ago, as an asynchronous "
                                     "trainer does (a copy of the trainable weights is kept; 0: the current policy)",
                                     min=0)
+    sample_batch: int = option(0, "rows the sampler generates at once, a multiple of --group-size: the step's rows are "
+                               "sampled in chunks of this many (a smaller KV cache, the same samples) and trained on "
+                               "as one batch (0: all at once)", min=0, resumable=True)
+
+    def validate(self):
+        if self.sample_batch % self.group_size:
+            raise MlxRlError(f"--sample-batch ({self.sample_batch}) must be a multiple of --group-size "
+                             f"({self.group_size}): a group is sampled in one call, its prompt prefilled once")
 
 
 # --- the step --------------------------------------------------------------------
@@ -152,6 +160,8 @@ def rollout_batch(session, rows, cfg, max_new_tokens, keys=None):
     """Sample a group per prompt, score it. Returns (rollout, group rows, rewards (P, G) Scores).
 
     keys: one random key per row (sampling.row_keys); by default drawn for these rows.
+    --sample-batch N samples N rows (whole groups) per call of the sampler and joins the parts; each row
+    samples from its own key, so the rollout is the same for any N.
     A task with an environment plays a group of G episodes per start instead (engine/episodes.py):
     the completion is the whole episode, and its reward the environment's (time/generate_s includes
     the environment's own time).
@@ -159,13 +169,20 @@ def rollout_batch(session, rows, cfg, max_new_tokens, keys=None):
     G = cfg.group_size
     group_rows = [r for r in rows for _ in range(G)]  # (P*G,) each prompt G times, groups adjacent
     env = getattr(session.task, "env", None)
+    if keys is None:
+        keys = row_keys(len(group_rows))  # drawn for every row before chunking
+    chunk = cfg.sample_batch or len(group_rows)
     with session.timer("generate"):
-        if env is not None:
-            rollout = play(session.model, session.tokenizer, group_rows, env, cfg.temperature,
-                           chat_template=cfg.chat_template, keys=keys)
-        else:
-            rollout = generate(session.model, session.tokenizer, group_rows, max_new_tokens, cfg.temperature,
-                               chat_template=cfg.chat_template, keys=keys)
+        parts = []
+        for begin in range(0, len(group_rows), chunk):
+            part_rows, part_keys = group_rows[begin : begin + chunk], keys[begin : begin + chunk]
+            if env is not None:
+                parts.append(play(session.model, session.tokenizer, part_rows, env, cfg.temperature,
+                                  chat_template=cfg.chat_template, keys=part_keys))
+            else:
+                parts.append(generate(session.model, session.tokenizer, part_rows, max_new_tokens, cfg.temperature,
+                                      chat_template=cfg.chat_template, keys=part_keys))
+        rollout = parts[0] if len(parts) == 1 else concat_rollouts(parts, session.tokenizer.pad_token_id or 0)
     with session.timer("reward"):
         if env is not None:
             scores = rollout.episodes.scores()
@@ -310,7 +327,8 @@ def train(cfg):
     resolve_policy_model(cfg)
     session = start("grpo", cfg, precheck=batch_check(
         cfg.prompts_per_step * cfg.group_size, cfg.max_new_tokens,
-        f"--prompts-per-step {cfg.prompts_per_step} x --group-size {cfg.group_size}", cfg.micro_batch))
+        f"--prompts-per-step {cfg.prompts_per_step} x --group-size {cfg.group_size}"
+        + (f", --sample-batch {cfg.sample_batch}" if cfg.sample_batch else ""), cfg.micro_batch, cfg.sample_batch))
     env = getattr(session.task, "env", None)
     if env is not None:  # an episode's length: every model turn at its longest (the constant aggregation's L)
         N = env.max_turns * env.max_turn_tokens

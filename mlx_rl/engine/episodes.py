@@ -388,6 +388,16 @@ class EpisodeStats:
     info: dict  # name -> (B,) the environments' own counters (tool_calls, tool_errors)
     transcripts: list  # (B,) lists of {"role": "model" | "env", "text": str}
 
+    @classmethod
+    def concat(cls, parts, N):
+        """The stats of consecutive batches as one; turn_rewards right-padded to N columns."""
+        cat = lambda get: np.concatenate([get(s) for s in parts])  # noqa: E731
+        names = sorted({k for s in parts for k in s.info})  # a counter a batch never saw is 0 there, as in play()
+        return cls(cat(lambda s: s.rewards), cat(lambda s: s.solved), cat(lambda s: s.turns), cat(lambda s: s.truncated),
+                   cat(lambda s: np.pad(s.turn_rewards, ((0, 0), (0, N - s.turn_rewards.shape[1])))),
+                   {k: cat(lambda s, k=k: s.info.get(k, np.zeros(len(s.rewards)))) for k in names},
+                   [t for s in parts for t in s.transcripts])
+
     def scores(self):
         """The episodes as a `Scores`: total = the summed reward, per reward "success" (0/1)."""
         from mlx_rl.data.rewards import Scores

@@ -25,14 +25,17 @@ Where the time goes, and what makes it fast (1M-parameter model, 2-core CPU):
     when no row is padded (fixed-length task prompts). Models with sliding-window
     layers use mlx-lm's own BatchKVCache / BatchRotatingKVCache.
   - One decoding step is one model call on (B, 1) tokens plus sampling, queued
-    with `mx.async_eval`; the only sync is reading "has every row finished?",
+    with `mx.async_eval`; the only sync is reading which rows have finished,
     which lets the loop stop as soon as the last row reaches EOS.
+  - Finished rows leave the batch: once a quarter of the rows still decoding
+    have reached EOS, the next calls run without them (their cache rows are
+    dropped, the others copied once), so a batch whose lengths vary is not
+    decoded at full width to its longest row.
   - Measured and left out because it did not pay on this CPU: `mx.compile` of
     the decode step over a fixed-size cache (same speed; a (64, 1) step of the
     tiny model was ~40% SwiGLU's sigmoid, which MLX's x86 wheel computes one
     element at a time, and most of the rest is matmuls). That sigmoid is now
-    replaced on Linux CPU by fastmath.py's (about 4x faster). Not tried: dropping
-    finished rows from the batch, which would help when lengths vary a lot.
+    replaced on Linux CPU by fastmath.py's (about 4x faster).
 """
 
 import typing
@@ -70,6 +73,24 @@ class Rollout:
     @property
     def lengths(self):
         return self.mask.sum(axis=1)  # (B,)
+
+
+def concat_rollouts(parts, pad_id):
+    """Rollouts of consecutive rows as one, each completion right-padded to the longest (pad id, log-prob 0,
+    mask 0: what a row that stopped early holds in a batch of its own)."""
+    N = max(p.completion_ids.shape[1] for p in parts)
+
+    def column(get, value=0):  # (B, N) from each part's (b, n)
+        return mx.concatenate([mx.pad(get(p), [(0, 0), (0, N - get(p).shape[1])], constant_values=value) for p in parts])
+
+    rollout = Rollout(
+        [x for p in parts for x in p.prompts], [x for p in parts for x in p.prompt_ids],
+        column(lambda p: p.completion_ids, pad_id), column(lambda p: p.logprobs), column(lambda p: p.mask),
+        [x for p in parts for x in p.finish_reasons], [x for p in parts for x in p.texts])
+    if parts[0].episodes is not None:  # episodes (episodes.py): their environment's tokens and outcomes
+        rollout.env_mask = column(lambda p: p.env_mask)
+        rollout.episodes = type(parts[0].episodes).concat([p.episodes for p in parts], N)
+    return rollout
 
 
 def encode_prompts(tokenizer, prompts, chat_template=False):
@@ -217,14 +238,25 @@ _split_keys = mx.vmap(lambda k: mx.random.split(k, 2))  # (B, 2) -> (B, 2, 2): o
 _categorical = mx.vmap(lambda k, logprobs: mx.random.categorical(logprobs, key=k))  # a row's own key per row
 
 
+def widen(x, rows, B, fill):
+    """(b,) values of rows `rows` of a batch of B -> (B,), `fill` in the other rows."""
+    if len(rows) == B:
+        return x
+    out = mx.full((B,), fill, dtype=x.dtype)
+    out[mx.array(rows)] = x
+    return out
+
+
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, chat_template=False, prompt_ids=None,
-             keys=None):
+             keys=None, drop_finished=True):
     """Sample one completion per prompt (repeat prompts for groups). Returns a Rollout.
 
     prompts: strings or dataset rows (see encode_prompts). prompt_ids, if given, are
     used as they are (then `prompts` may be None and is decoded for display).
     keys: (B, 2) one random key per row (`row_keys`); each row samples from its own
     key stream, so its completion does not depend on which other rows share the batch.
+    drop_finished: once a quarter of the rows still decoding have reached EOS, stop decoding them (their cache
+    rows are dropped; the rest copied once); the completions are the same either way.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -247,29 +279,36 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1
 
     if temperature > 0 and keys is None:
         keys = row_keys(B)
-    finished = mx.zeros((B,), dtype=mx.bool_)
+    finished = mx.zeros((B,), dtype=mx.bool_)  # (b,) of the rows still decoding
+    decoding = np.arange(B)  # (b,) which rows of the batch they are
     out_tokens, out_logprobs, out_mask = [], [], []
     for step in range(max_new_tokens):
-        logprobs = sampled_distribution(logits, temperature, top_p)  # (B, V)
+        logprobs = sampled_distribution(logits, temperature, top_p)  # (b, V)
         if temperature > 0:
-            split = _split_keys(keys)  # (B, 2, 2)
-            token = _categorical(split[:, 0], logprobs)  # (B,)
+            split = _split_keys(keys)  # (b, 2, 2)
+            token = _categorical(split[:, 0], logprobs)  # (b,)
             keys = split[:, 1]
         else:
             token = mx.argmax(logprobs, axis=-1)
         token = token.astype(mx.int32)
-        token_logprob = mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]  # (B,)
+        token_logprob = mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]  # (b,)
         alive = mx.logical_not(finished)
-        out_tokens.append(mx.where(alive, token, pad_id))
-        out_logprobs.append(mx.where(alive, token_logprob, 0.0))
-        out_mask.append(alive)
+        out_tokens.append(widen(mx.where(alive, token, pad_id), decoding, B, pad_id))  # (B,)
+        out_logprobs.append(widen(mx.where(alive, token_logprob, 0.0), decoding, B, 0.0))
+        out_mask.append(widen(alive, decoding, B, False))
         finished = mx.logical_or(finished, (token[:, None] == eos_ids[None, :]).any(axis=1))
         if step == max_new_tokens - 1:
             break
-        logits = model(token[:, None], cache=cache)[:, -1, :]  # (B, V)
+        logits = model(token[:, None], cache=cache)[:, -1, :]  # (b, V)
         mx.async_eval(logits, finished, out_tokens[-1], out_logprobs[-1], *([keys] if keys is not None else []))
-        if finished.all().item():  # the one sync per step; stops as soon as every row is done
+        done = np.array(finished)  # the one sync per step; stops as soon as every row is done
+        if done.all():
             break
+        if drop_finished and 4 * done.sum() >= len(done):  # the next model call leaves the finished rows out
+            keep = np.flatnonzero(~done)
+            repeat_cache_rows(cache, keep)
+            logits, finished, decoding = logits[mx.array(keep)], finished[mx.array(keep)], decoding[keep]
+            keys = keys[mx.array(keep)] if keys is not None else None
 
     completion_ids = mx.stack(out_tokens, axis=1)  # (B, N)
     logprobs = mx.stack(out_logprobs, axis=1)  # (B, N)

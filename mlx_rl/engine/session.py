@@ -378,7 +378,7 @@ def more_to_do(cfg, state):
     return cfg.steps > state["step"]
 
 
-def check_memory(model, model_config, rows, tokens_per_row, what, micro_batch=None):
+def check_memory(model, model_config, rows, tokens_per_row, what, micro_batch=None, sample_rows=None):
     """Refuse, in one line, a batch whose training pass can't fit in memory (instead of a crash mid-run).
 
     A rough upper estimate of one forward + backward over `rows` x `tokens_per_row`
@@ -386,7 +386,8 @@ def check_memory(model, model_config, rows, tokens_per_row, what, micro_batch=No
     vocabulary entry per token; one chunk of them where logprobs.py scores them in
     chunks) and the activations kept for the backward (about 40 bytes per hidden
     unit per layer per token), plus the weights and Adam state. micro_batch: rows
-    per forward/backward (0: chosen to fit, so only one row has to).
+    per forward/backward (0: chosen to fit, so only one row has to). sample_rows: rows the sampler
+    generates at once (None: all of them).
     """
     from mlx_rl.engine.logprobs import LOGITS_CHUNK, plain_head
 
@@ -395,13 +396,14 @@ def check_memory(model, model_config, rows, tokens_per_row, what, micro_batch=No
     layers = model_config.get("num_hidden_layers", 0)
     have = available_memory_bytes()
     weights = 16 * sum(v.size for _, v in tree_flatten(model.parameters()))
-    # the rollout samples every row at once: its KV cache (keys and values, float32, every layer) and one
-    # position's logits per row, whatever the micro-batch of the training pass
+    # the rollout samples sample_rows rows at once: their KV cache (keys and values, float32, every layer) and
+    # one position's logits per row, whatever the micro-batch of the training pass
     kv_dim = 2 * layers * (model_config.get("num_key_value_heads") or model_config.get("num_attention_heads") or 1) * \
         (model_config.get("head_dim") or hidden // max(model_config.get("num_attention_heads") or 1, 1))
-    rollout = rows * (4 * kv_dim * tokens_per_row + 8 * vocab) + weights
+    sampled = min(rows, sample_rows or rows)
+    rollout = sampled * (4 * kv_dim * tokens_per_row + 8 * vocab) + weights
     if have and rollout > have:
-        raise MlxRlError(f"{what}: sampling {rows:,} rows x {tokens_per_row} tokens at once needs about "
+        raise MlxRlError(f"{what}: sampling {sampled:,} rows x {tokens_per_row} tokens at once needs about "
                          f"{rollout / 1e9:.1f} GB, more than the {have / 1e9:.1f} GB available; make the batch smaller")
     if micro_batch is not None:
         rows = min(rows, micro_batch or 1)
@@ -413,7 +415,7 @@ def check_memory(model, model_config, rows, tokens_per_row, what, micro_batch=No
                          f"training pass, more than the {have / 1e9:.1f} GB available; make the batch smaller")
 
 
-def batch_check(rows, new_tokens, what, micro_batch=None):
+def batch_check(rows, new_tokens, what, micro_batch=None, sample_rows=None):
     """A start() precheck: the memory of a batch of `rows` completions of `new_tokens` (0: the task's) after its prompts."""
 
     def check(model, tokenizer, model_config, task, world):
@@ -421,7 +423,7 @@ def batch_check(rows, new_tokens, what, micro_batch=None):
         prompt_len = max(len(tokenizer.encode(r["prompt"] if isinstance(r["prompt"], str) else str(r["prompt"])))
                          for r in sample) if sample else 0
         check_memory(model, model_config, max(rows // world.size, 1), prompt_len + (new_tokens or task.max_new_tokens), what,
-                     micro_batch)
+                     micro_batch, sample_rows)
 
     return check
 
