@@ -293,3 +293,28 @@ def test_default_run_gets_past_the_plateau(tmp_path, addition_plateau):
     assert summary["after"]["eval/accuracy"] >= 0.85
     assert summary["after"]["eval/accuracy"] - summary["before"]["eval/accuracy"] >= 0.25
     assert summary["wall_s"] < 600
+
+
+def test_lr_schedule_cosine_decays_toward_a_twentieth_over_steps(tmp_path, micro_checkpoint, capsys):
+    from mlx_rl.cli import main
+    from mlx_rl.data.tasks import get_task
+
+    pairs = tmp_path / "pairs.jsonl"
+    task = get_task("addition")
+    pairs.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["answer"], "rejected": "000"}) + "\n"
+                             for r in task.train_rows(np.random.default_rng(0), 16, distinct=True)))
+    common = ["--model", str(micro_checkpoint), "--pairs", str(pairs), "--batch-size", "2", "--eval-prompts", "8",
+              "--warmup", "0", "--lr", "1e-3"]
+    out = tmp_path / "cosine"
+    main(["dpo", *common, "--steps", "4", "--lr-schedule", "cosine", "--out", str(out)])
+    lrs = [r["optim/lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "optim/lr" in r]
+    # the rate each update used: step k (1..4) at k - 1 quarters of a half cosine from lr to lr/20
+    end = 1e-3 / 20
+    expected = [end + (1e-3 - end) * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert lrs == pytest.approx(expected, rel=1e-5), lrs
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # no --steps: nothing to decay over, said in one line
+        main(["dpo", *common, "--lr-schedule", "cosine", "--out", str(tmp_path / "no-steps")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--steps" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "no-steps").exists()

@@ -79,6 +79,9 @@ class DistillConfig(LLMConfig):
     off_policy: bool = option(False, "train on the teacher's samples instead (cross-entropy: SFT on distilled data)")
     lr: float = option(3e-4, "learning rate (AdamW)", above=0.0, resumable=True)
     warmup: int = option(0, "linear learning-rate warm-up steps", min=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
+    lr_schedule: str = option("constant", "learning rate after warm-up: constant, or cosine decay to lr/20",
+                              choices=["constant", "cosine"])
     temperature: float = option(1.0, "sampling temperature of the rollouts (and of both distributions compared)", above=0.0)
     max_new_tokens: int = option(0, "longest completion (0: the task's answer length + EOS; 64 with --data)", min=0)
     eval_every: int = option(5, "evaluate on held-out data every N steps: greedy accuracy (0: only at the start and the end)",
@@ -231,7 +234,7 @@ def train(cfg):
     session = start("distill", cfg, precheck=precheck)
     teacher = loaded["teacher"]
     N = cfg.max_new_tokens or session.task.max_new_tokens
-    optimizer = session.optimizer(cfg.lr, cfg.steps, cfg.warmup)
+    optimizer = session.optimizer(cfg.lr, cfg.steps, cfg.warmup, cfg.weight_decay, cfg.lr_schedule)
     update = session.update_step(make_loss_fn(cfg), optimizer)
 
     def step(i):

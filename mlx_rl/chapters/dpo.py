@@ -93,6 +93,8 @@ class DPOConfig(LLMConfig, MemoryConfig):
     lr: float = option(5e-5, "learning rate (AdamW)", above=0.0, resumable=True)
     warmup: int = option(10, "linear learning-rate warm-up steps", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
+    lr_schedule: str = option("constant", "learning rate after warm-up: constant, or cosine decay to lr/20 over "
+                              "--steps (which cosine then needs)", choices=["constant", "cosine"])
     pair_prompts: int = option(256, "training prompts to build preference pairs from (on-policy: per round, "
                                     "answers sampled from the policy)", min=1)
     samples_per_prompt: int = option(8, "answers sampled per prompt, ranked by the reward into pairs (on-policy)", min=2)
@@ -103,6 +105,9 @@ class DPOConfig(LLMConfig, MemoryConfig):
     def validate(self):
         if self.label_smoothing > 0 and self.loss_type != "sigmoid":
             raise MlxRlError("--label-smoothing applies to the sigmoid loss only")
+        if self.lr_schedule == "cosine" and not self.steps:
+            raise MlxRlError("--lr-schedule cosine decays over --steps: give --steps N (a DPO run's length is otherwise "
+                             "decided by its rounds' pairs, unknown before they are sampled)")
 
     def more_to_do(self, state):
         """A finished DPO run has more to do when --rounds (or --steps, if it was the limit) was raised.
@@ -257,7 +262,7 @@ def train(cfg):
     tokenizer, world, run = session.tokenizer, session.world, session.run
     pad_id = tokenizer.pad_token_id or 0
     rounds = 1 if cfg.pairs else cfg.rounds
-    optimizer = session.optimizer(cfg.lr, cfg.steps or 1000, cfg.warmup, cfg.weight_decay)
+    optimizer = session.optimizer(cfg.lr, cfg.steps or 1000, cfg.warmup, cfg.weight_decay, cfg.lr_schedule)
     update = session.update_step(make_loss_fn(cfg.dpo_beta, cfg.loss_type, cfg.label_smoothing, cfg.rpo_alpha), optimizer,
                                  split=split_pairs, row_multiple=2)
 
