@@ -52,6 +52,7 @@ Ouyang et al. 2022 (InstructGPT); Huang et al. 2024, The N+ Implementation
 Details of RLHF with PPO.
 """
 
+import contextlib
 import dataclasses
 import typing
 
@@ -60,7 +61,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_rl.chapters.grpo import completion_width, episode_metrics, episode_signals, pad_columns
+from mlx_rl.chapters.grpo import StalePolicy, completion_width, episode_metrics, episode_signals, pad_columns
 from mlx_rl.chapters.grpo_family import CorrectionConfig, PassAtKConfig, approx_kl, is_metrics, is_weights, pass_at_k_details
 from mlx_rl.chapters.kl import k1, k3
 from mlx_rl.chapters.reward_model import LearnedRewardConfig, attach_reward_model
@@ -100,6 +101,9 @@ class PPOConfig(LLMConfig, MemoryConfig, PassAtKConfig, CorrectionConfig, Learne
     value_lr: float = option(3e-3, "value head learning rate (AdamW)", above=0.0, resumable=True)
     value_epochs: int = option(8, "value head passes over the rollout batch per step (cheap: cached features)", min=1)
     value_warmup: int = option(2, "first steps train the value head only (the policy is left as it is)", min=0)
+    rollout_staleness: int = option(0, "sample each step's rollouts with the policy of K steps ago, as an asynchronous "
+                                    "trainer does (a copy of the trainable weights is kept; 0: the current policy). "
+                                    "The value head and the update use the current weights", min=0)
     whiten_advantages: bool = option(True, "normalise advantages to mean 0, std 1 over the rollout's tokens")
     temperature: float = option(1.0, "sampling temperature of the rollouts", above=0.0)
     max_new_tokens: int = option(0, "longest completion (0: the task's answer length + EOS; 64 with --data)", min=0)
@@ -278,8 +282,10 @@ def score_rollout(policy, value_head, tokens, chunks, temperature):
     return tuple(mx.concatenate(x, axis=0)[order] for x in (logprobs, values, features))
 
 
-def ppo_step(cfg, session, value_head, update_policy, update_value, kl_coef, step, max_new_tokens):
+def ppo_step(cfg, session, value_head, update_policy, update_value, kl_coef, step, max_new_tokens, stale=None):
     """Rollout, rewards, advantages, then epochs of minibatch updates. Returns the step's metrics.
+
+    stale: a StalePolicy (--rollout-staleness, grpo.py); the rollout is sampled with its weights.
 
     Data-parallel: each rank samples its share of the prompts, then every rank holds the
     whole rollout (world.gather_rows), and each minibatch is split across the ranks, so
@@ -292,7 +298,7 @@ def ppo_step(cfg, session, value_head, update_policy, update_value, kl_coef, ste
     mine = world.shard(rows)
     pad_id = tokenizer.pad_token_id or 0
     env = getattr(task, "env", None)
-    with timer("generate"):
+    with timer("generate"), stale.sampling() if stale is not None else contextlib.nullcontext():
         if env is not None:  # a task with an environment: one episode per prompt (engine/episodes.py)
             rollout = play(policy, tokenizer, mine, env, cfg.temperature, chat_template=cfg.chat_template, keys=keys)
         else:
@@ -436,9 +442,11 @@ def train(cfg):
     value_timer = PhaseTimer()
     update_value = session.update_step(make_value_loss(cfg.value_clip), value_opt, model=value_head, timer=value_timer)
     state = {"kl_coef": session.chapter_state.get("kl_coef", cfg.kl_coef)}  # the adaptive controller's, saved
+    stale = StalePolicy(policy, cfg.rollout_staleness, session.checkpoint)
 
     def step(i):
-        row = ppo_step(cfg, session, value_head, update_policy, update_value, state["kl_coef"], i, N)
+        stale.start_step()
+        row = ppo_step(cfg, session, value_head, update_policy, update_value, state["kl_coef"], i, N, stale)
         row["time/value_s"] = sum(value_timer.pop().values())
         if cfg.kl_target is not None and cfg.kl_coef > 0:
             state["kl_coef"] = adapt_kl_coef(state["kl_coef"], row["kl/sequence"], cfg.kl_target, cfg.rollout_batch,
@@ -447,7 +455,7 @@ def train(cfg):
         return row
 
     return loop.run(session, step, steps=cfg.steps, chapter_state=lambda: dict(state),
-                    chapter_arrays=lambda: {VALUE_HEAD_FILE: value_head_weights(value_head)},
+                    chapter_arrays=lambda: {VALUE_HEAD_FILE: value_head_weights(value_head), **stale.arrays()},
                     details=pass_at_k_details(session, cfg),  # pass@k of the start now, of the end at the end
                     signals={"reward": "reward/mean", "held-out acc": "eval/accuracy", "KL": "kl/k3",
                              "clip": "policy/clipfrac", "explained variance": "value/explained_variance",
