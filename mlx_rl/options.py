@@ -61,6 +61,7 @@ MEANINGS = {
     "reward": "reward: a built-in name",
     "reward-model": "train on this reward model's score",
     "reward-model-weight": "weight of the learned reward",
+    "rollout-staleness": "sample each step's rollouts with the policy of K steps ago",
     "reward-weights": "weights of the --reward functions",
     "samples-per-prompt": "answers sampled per prompt",
     "save-every": "also save a checkpoint every N steps",
