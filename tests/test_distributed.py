@@ -1,6 +1,6 @@
 """Data-parallel training with `mlx.launch -n 2` (ring backend over loopback): two processes equal one.
 
-For every LLM chapter, 3 steps on the same global batch: the losses, rewards and final weights of a 2-process run
+For every LLM chapter (distillation included), 3 steps on the same global batch: the losses, rewards and final weights of a 2-process run
 equal the 1-process run to 1e-5 relative, and only rank 0 wrote the run directory. A rank killed mid-run makes the
 other stop with a clear line, within 60 s.
 """
@@ -28,13 +28,16 @@ CHAPTERS = {
              "--pass-k-prompts", "8"],
     "ppo": ["ppo", "--rollout-batch", "16", "--minibatch-size", "8", "--value-warmup", "1"],
     "dpo": ["dpo", "--rounds", "2", "--pair-prompts", "16", "--batch-size", "4"],
+    # a fresh student (--model, below) and the briefly pretrained model as its teacher
+    "distill": ["distill", "--prompts-per-step", "8"],
     # episodes with a user's environment (tests/envs/echo_env.py): each rank plays its share of the groups
     "grpo-env": ["grpo", "--env", str(Path(__file__).parent / "envs" / "echo_env.py") + ":make", "--data",
                  str(Path(__file__).parent / "envs" / "echo_data"), "--prompts-per-step", "4", "--group-size", "4",
                  "--pass-k", ""],
 }
 # Continuous figures that must agree; discrete ones (clip fractions, counts) may differ where a value sits on the edge.
-COMPARED = ("loss/", "reward/", "eval/", "kl/k3", "dpo/margin", "value/explained_variance", "optim/grad_norm", "env/")
+COMPARED = ("loss/", "reward/", "eval/", "kl/k3", "dpo/margin", "value/explained_variance", "optim/grad_norm", "env/",
+            "distill/")
 
 pytestmark = pytest.mark.skipif(not Path(LAUNCH).exists(), reason="mlx.launch is not installed")
 
@@ -55,8 +58,10 @@ def weights(path):
 
 
 @pytest.mark.parametrize("chapter", list(CHAPTERS))
-def test_two_processes_equal_one(tmp_path, trained_micro, chapter):
+def test_two_processes_equal_one(tmp_path, trained_micro, micro_checkpoint, chapter):
     args = [*CHAPTERS[chapter], *SMALL] + ([] if chapter == "pretrain" else ["--model", str(trained_micro[1])])
+    if chapter == "distill":
+        args = [*CHAPTERS[chapter], *SMALL, "--model", str(micro_checkpoint), "--teacher", str(trained_micro[1])]
     run(args, 1, tmp_path / "one")
     log = run(args, 2, tmp_path / "two")
     one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")

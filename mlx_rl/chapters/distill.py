@@ -201,7 +201,7 @@ def distill_step(session, cfg, teacher, update, max_new_tokens):
     row = world.reduce_metrics({k: v.item() for k, v in metrics.items()})
     all_rewards = world.gather(np.asarray(scores.total))
     row.update({
-        "loss/total": loss.item() if world.size == 1 else float(world.sum(np.array([loss.item()]))[0]),
+        "loss/total": loss.item(),  # the update summed the ranks' shares already
         "optim/grad_norm": grad_norm.item(),
         "reward/mean": float(all_rewards.mean()),
         "policy/completion_len": float(world.gather(np.asarray(rollout.lengths)).mean()),
