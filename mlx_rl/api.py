@@ -33,7 +33,7 @@ from pathlib import Path  # noqa: E402
 from mlx_rl.config import MlxRlError, resolve  # noqa: E402
 from mlx_rl.runs import read_json, read_jsonl  # noqa: E402
 
-TRAINING_COMMANDS = ("icemaze", "pretrain", "kl", "grpo", "ppo", "dpo", "reward-model", "label-pairs", "dpo-pairs",
+TRAINING_COMMANDS = ("icemaze", "pretrain", "kl", "grpo", "ppo", "dpo", "distill", "reward-model", "label-pairs", "dpo-pairs",
                      "eval")
 
 
@@ -95,6 +95,7 @@ kl = _chapter("kl")
 grpo = _chapter("grpo")
 ppo = _chapter("ppo")
 dpo = _chapter("dpo")
+distill = _chapter("distill")
 reward_model = _chapter("reward-model")
 label_pairs = _chapter("label-pairs")
 dpo_pairs = _chapter("dpo-pairs")

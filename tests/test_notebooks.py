@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
-CHAPTERS = ("icemaze", "pretrain", "kl", "grpo", "ppo", "dpo", "reward_model", "grpo_family", "agents")
+CHAPTERS = ("icemaze", "pretrain", "kl", "grpo", "ppo", "dpo", "distill", "reward_model", "grpo_family", "agents")
 
 # The parameter values the tests run with: seconds instead of minutes (a notebook sets only the ones it has).
 SMALL = {"PRETRAIN_STEPS": 10, "PRESET": "micro", "EVAL_PROMPTS": 8, "STEPS": 2, "PROMPTS_PER_STEP": 2,
