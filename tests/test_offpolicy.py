@@ -241,6 +241,32 @@ def test_ppo_staleness_zero_is_todays_run_and_k_samples_with_old_weights(tmp_pat
     assert stale[3]["policy/is_weight_mean"] != pytest.approx(1.0, abs=1e-4)
 
 
+def test_ppo_stale_rollout_is_the_old_policys_and_the_critic_is_current(tmp_path, start_ckpt, monkeypatch):
+    """With K = 1, step i's generate call sees the weights step i - 1 started from, and the value head
+    scores with the current policy's hidden states (score_rollout runs outside the swap)."""
+    seen = {"generate": [], "score": []}
+    weight = lambda model: float(tree_flatten(model.trainable_parameters())[0][1].sum().item())  # noqa: E731
+    real_generate, real_score = ppo.generate, ppo.score_rollout
+
+    def spy_generate(model, *args, **kwargs):
+        seen["generate"].append(weight(model))
+        return real_generate(model, *args, **kwargs)
+
+    def spy_score(policy, *args, **kwargs):
+        seen["score"].append(weight(policy))
+        return real_score(policy, *args, **kwargs)
+
+    monkeypatch.setattr(ppo, "generate", spy_generate)
+    monkeypatch.setattr(ppo, "score_rollout", spy_score)
+    ppo_run(start_ckpt, tmp_path / "k1", "--rollout-staleness", "1")
+    gen, score = seen["generate"], seen["score"]
+    assert len(gen) == len(score) == 3
+    # step 0 and 1 sample with the start's weights; step i (i >= 1) with those step i - 1 was scored with
+    assert gen[0] == gen[1] == score[0]
+    assert gen[2] == score[1] and gen[2] != score[2]
+    assert score[1] != score[0]  # the policy moved, so staleness had something to show
+
+
 def test_ppo_stale_run_resumes_bit_for_bit(tmp_path, start_ckpt):
     whole = strip_times(ppo_run(start_ckpt, tmp_path / "whole", "--rollout-staleness", "2", steps=4))
     ppo_run(start_ckpt, tmp_path / "split", "--rollout-staleness", "2", steps=2)
