@@ -336,13 +336,14 @@ def test_ctrl_c_exits_130_after_saving(tmp_path):
 def test_time_based_checkpoints(tmp_path):
     out = tmp_path / "timed"
     run_cli(["pretrain", "--preset", "micro", "--steps", "6", "--batch-size", "8", "--eval-every", "0", "--eval-prompts", "10",
-             "--save-minutes", "0.0001", "--out", str(out)])
+             "--save-minutes", "1e-9", "--out", str(out)])
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 6
+    # --save-minutes 1e-9 (60 ns): every step is longer, so every step saves, however fast the machine
     # a kill after step 4's log and save: the checkpoint is at step 4 (saved every step), not missing
     out2 = tmp_path / "timed-killed"
     env = {**os.environ, "MLX_RL_KILL_AT": "after_log:5"}
     subprocess.run([sys.executable, "-m", "mlx_rl", "pretrain", "--preset", "micro", "--steps", "6", "--batch-size", "8",
-                    "--eval-every", "0", "--eval-prompts", "10", "--save-minutes", "0.0001", "--out", str(out2)], env=env,
+                    "--eval-every", "0", "--eval-prompts", "10", "--save-minutes", "1e-9", "--out", str(out2)], env=env,
                    capture_output=True)
     assert json.loads((out2 / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
 
