@@ -146,6 +146,16 @@ def grpo_run(start_ckpt, out, *extra, steps=3):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def ppo_run(start_ckpt, out, *extra, steps=3):
+    main(["ppo", "--model", str(start_ckpt), "--out", str(out), "--rollout-batch", "8", "--minibatch-size", "4",
+          "--value-warmup", "0", "--eval-prompts", "4", "--eval-every", "0", "--pass-k", "", "--kl-coef", "0",
+          "--lr", "3e-3", "--lr-schedule", "constant", "--steps", str(steps), *extra])  # a 2-step run = a 4-step one's start
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+RUNS = {"grpo": grpo_run, "ppo": ppo_run}  # the chapters with --rollout-staleness
+
+
 def strip_times(rows):
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/")) and k != "wall_s"} for r in rows]
 
@@ -160,12 +170,13 @@ def test_grpo_with_correction_logs_the_weights(tmp_path, start_ckpt):
     assert "policy/is_weight_mean" not in plain[-1]
 
 
-def test_staleness_zero_is_todays_run_and_k_samples_with_old_weights(tmp_path, start_ckpt):
-    today = strip_times(grpo_run(start_ckpt, tmp_path / "today"))
-    zero = strip_times(grpo_run(start_ckpt, tmp_path / "zero", "--rollout-staleness", "0"))
+@pytest.mark.parametrize("chapter", list(RUNS))
+def test_staleness_zero_is_todays_run_and_k_samples_with_old_weights(tmp_path, start_ckpt, chapter):
+    run = RUNS[chapter]
+    today = strip_times(run(start_ckpt, tmp_path / "today"))
+    zero = strip_times(run(start_ckpt, tmp_path / "zero", "--rollout-staleness", "0"))
     assert zero == today  # bit for bit
-    stale = strip_times(grpo_run(start_ckpt, tmp_path / "k2", "--rollout-staleness", "2", "--is-correction",
-                                 "token-tis"))
+    stale = strip_times(run(start_ckpt, tmp_path / "k2", "--rollout-staleness", "2", "--is-correction", "token-tis"))
     assert stale[1]["reward/mean"] == today[1]["reward/mean"]  # step 1: both sample with the start's weights
     # step 2 (and 3) are sampled by the start's weights, trained from moved ones: the sampler disagrees with pi_old
     assert today[3]["policy/sampler_mismatch"] < 1e-4
@@ -198,10 +209,13 @@ def _shifted(model, delta):
     return tree_map(lambda p: p + delta, model.trainable_parameters())
 
 
-def test_stale_run_resumes_bit_for_bit(tmp_path, start_ckpt):
-    whole = strip_times(grpo_run(start_ckpt, tmp_path / "whole", "--rollout-staleness", "2", steps=4))
-    grpo_run(start_ckpt, tmp_path / "split", "--rollout-staleness", "2", steps=2)
-    main(["grpo", "--resume", str(tmp_path / "split"), "--steps", "4"])
+@pytest.mark.parametrize("chapter", list(RUNS))
+def test_stale_run_resumes_bit_for_bit(tmp_path, start_ckpt, chapter):
+    run = RUNS[chapter]
+    whole = strip_times(run(start_ckpt, tmp_path / "whole", "--rollout-staleness", "2", steps=4))
+    run(start_ckpt, tmp_path / "split", "--rollout-staleness", "2", steps=2)
+    assert (tmp_path / "split" / "checkpoint" / grpo.StalePolicy.FILE).exists()
+    main([chapter, "--resume", str(tmp_path / "split"), "--steps", "4"])
     split = strip_times([json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()])
     no_eval = lambda rows: [{k: v for k, v in r.items() if not k.startswith("eval/")} for r in rows]  # noqa: E731
     assert no_eval(split) == no_eval(whole)  # (the first part evaluated at its end, step 2)
@@ -219,26 +233,6 @@ def test_stale_policy_keeps_only_the_adapters_with_lora(start_ckpt):
     (name, saved), = stale.arrays().items()
     assert name == grpo.StalePolicy.FILE and saved and all("lora" in k for k in saved)
     assert len(saved) == len(tree_flatten(model.trainable_parameters()))
-
-
-def ppo_run(start_ckpt, out, *extra, steps=3):
-    main(["ppo", "--model", str(start_ckpt), "--out", str(out), "--rollout-batch", "8", "--minibatch-size", "4",
-          "--value-warmup", "0", "--eval-prompts", "4", "--eval-every", "0", "--pass-k", "", "--kl-coef", "0",
-          "--lr", "3e-3", "--lr-schedule", "constant", "--steps", str(steps), *extra])  # a 2-step run = a 4-step one's start
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_ppo_staleness_zero_is_todays_run_and_k_samples_with_old_weights(tmp_path, start_ckpt):
-    today = strip_times(ppo_run(start_ckpt, tmp_path / "today"))
-    zero = strip_times(ppo_run(start_ckpt, tmp_path / "zero", "--rollout-staleness", "0"))
-    assert zero == today  # bit for bit
-    stale = strip_times(ppo_run(start_ckpt, tmp_path / "k2", "--rollout-staleness", "2", "--is-correction",
-                                "token-tis"))
-    assert stale[1]["reward/mean"] == today[1]["reward/mean"]  # step 1: both sample with the start's weights
-    # steps 2 and 3 are sampled by the start's weights and trained from moved ones: the sampler disagrees with pi_old
-    assert today[3]["policy/sampler_mismatch"] < 1e-4
-    assert stale[3]["policy/sampler_mismatch"] > 10 * max(today[3]["policy/sampler_mismatch"], 1e-6)
-    assert stale[3]["policy/is_weight_mean"] != pytest.approx(1.0, abs=1e-4)
 
 
 def test_ppo_stale_rollout_is_the_old_policys_and_the_critic_is_current(tmp_path, start_ckpt, monkeypatch):
@@ -265,14 +259,3 @@ def test_ppo_stale_rollout_is_the_old_policys_and_the_critic_is_current(tmp_path
     assert gen[0] == gen[1] == score[0]
     assert gen[2] == score[1] and gen[2] != score[2]
     assert score[1] != score[0]  # the policy moved, so staleness had something to show
-
-
-def test_ppo_stale_run_resumes_bit_for_bit(tmp_path, start_ckpt):
-    whole = strip_times(ppo_run(start_ckpt, tmp_path / "whole", "--rollout-staleness", "2", steps=4))
-    ppo_run(start_ckpt, tmp_path / "split", "--rollout-staleness", "2", steps=2)
-    assert (tmp_path / "split" / "checkpoint" / grpo.StalePolicy.FILE).exists()
-    main(["ppo", "--resume", str(tmp_path / "split"), "--steps", "4"])
-    split = strip_times([json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()])
-    no_eval = lambda rows: [{k: v for k, v in r.items() if not k.startswith("eval/")} for r in rows]  # noqa: E731
-    assert no_eval(split) == no_eval(whole)
-    assert whole[3]["policy/sampler_mismatch"] > 1e-3  # the resumed part sampled with the saved old weights
