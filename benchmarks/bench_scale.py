@@ -45,11 +45,24 @@ MODELS = {
         "vocab_size": 151936, "tie_word_embeddings": True, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
         "max_position_embeddings": 40960,
     },
+    "micro": {  # for a quick check of the benchmark itself
+        "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "vocab_size": 512, "tie_word_embeddings": True, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "max_position_embeddings": 4096,
+    },
     "qwen2.5-1.5b": {
         "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 1536, "intermediate_size": 8960,
         "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
         "tie_word_embeddings": True, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
     },
+}
+REAL = {"smollm2-135m": "models/SmolLM2-135M-Instruct"}  # real checkpoints (scripts/get_smollm2.sh)
+PEERS = {  # name: (which venv, the script in peers/, its extra flags)
+    "trl": ("trl", "trl_grpo_lora_step.py", []),
+    "trl+ckpt": ("trl", "trl_grpo_lora_step.py", ["--gradient-checkpointing"]),
+    "mlx-lm-lora": ("mlxlora", "mlxlora_grpo_step.py", []),
+    "mlx-lm-lora+ckpt": ("mlxlora", "mlxlora_grpo_step.py", ["--grad-checkpoint"]),
 }
 SETTINGS = {  # logits chunk (None: the default), --grad-checkpoint, --micro-batch (None: the whole batch)
     "full": (0, False, None),
@@ -70,6 +83,10 @@ def parse_args(argv=None):
     parser.add_argument("--kl-coef", type=float, default=0.04)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation)")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help=f"after mlx-rl's settings, the same step in: {', '.join(PEERS)} (or 'none')")
+    parser.add_argument("--trl-python", default="/work/peers/trl/bin/python")
+    parser.add_argument("--mlxlora-python", default="/work/peers/mlxlora/bin/python")
     parser.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="write every figure to this JSON file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # MODEL_DIR:SETTING, one measurement
@@ -127,7 +144,7 @@ def write_prompts(path, prompt_tokens, rows=64):
     import numpy as np
 
     rng = np.random.default_rng(0)
-    chars = list("0123456789+-*= abcdefghijklmnopqrstuvwxyz")
+    chars = list("0123456789")  # one token a digit in every tokenizer here (SmolLM2's splits digits one by one)
     with open(path, "w") as f:
         for _ in range(rows):
             f.write(json.dumps({"prompt": "".join(rng.choice(chars, prompt_tokens - 1)), "answer": "7"}) + "\n")
@@ -136,7 +153,7 @@ def write_prompts(path, prompt_tokens, rows=64):
 # --- one measurement, in its own process ------------------------------------------------------------------------
 
 
-def measure(model_dir, setting, args):
+def measure(model_dir, data, setting, args):
     from mlx_rl.engine import speed
 
     speed.enable()
@@ -155,7 +172,7 @@ def measure(model_dir, setting, args):
         logprobs.LOGITS_CHUNK = chunk
     B = args.prompts * args.group_size
     out = tempfile.mkdtemp(prefix="bench-scale-")
-    cfg = grpo.GRPOConfig(model=model_dir, data=str(Path(model_dir) / "prompts.jsonl"), reward=("exact",),
+    cfg = grpo.GRPOConfig(model=model_dir, data=data, reward=("exact",),
                           lora_rank=args.lora_rank, prompts_per_step=args.prompts, group_size=args.group_size,
                           max_new_tokens=args.new_tokens, epochs=1, kl_coef=args.kl_coef, temperature=1.0, lr=1e-5,
                           pass_k=(), micro_batch=micro_batch or B, grad_checkpoint=grad_checkpoint,
@@ -182,6 +199,7 @@ def measure(model_dir, setting, args):
         "micro_batch": micro_batch or B, "rows": B, "tokens_per_row": T,
         "step_s": step_s[0], "phase_s": phase, "load_s": load_s,
         "completion_len": lengths[0],
+        "step_tok_s": B * lengths[0] / step_s[0],
         "generate_tok_s": B * lengths[0] / phase["generate"],
         "train_tok_s": B * T / phase["forward_backward"],
         "reference_tok_s": B * T / phase["reference"] if "reference" in phase else None,
@@ -191,8 +209,8 @@ def measure(model_dir, setting, args):
     }
 
 
-def run_child(model_dir, setting, args):
-    cmd = [sys.executable, __file__, "--child", f"{model_dir}:{setting}"] + [
+def run_child(model_dir, data, setting, args):
+    cmd = [sys.executable, __file__, "--child", f"{model_dir}:{data}:{setting}"] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in (
             "prompts", "group_size", "prompt_tokens", "new_tokens", "kl_coef", "lora_rank", "warmup")]
     before = uptime()
@@ -205,11 +223,43 @@ def run_child(model_dir, setting, args):
     return {**result, "uptime_before": before, "uptime_after": after}
 
 
+def run_peer(model_dir, data, peer, args):
+    """One peer's GRPO + LoRA step on the same checkpoint and prompts, in its own venv and process."""
+    from mlx_rl.engine import blas
+
+    venv, script, extra = PEERS[peer]
+    python = args.trl_python if venv == "trl" else args.mlxlora_python
+    if not Path(python).exists():
+        return {"setting": peer, "error": f"{python} not found (install the peer's venv: see benchmarks/peers/)"}
+    cmd = [python, str(HERE / "peers" / script), "--model", str(model_dir), "--data", str(data),
+           "--steps", "1", "--warmup", str(args.warmup), "--prompts", str(args.prompts),
+           "--group-size", str(args.group_size), "--max-new-tokens", str(args.new_tokens), "--lr", "1e-5",
+           "--lora-rank", str(args.lora_rank), "--beta", str(args.kl_coef), "--plain-prompts", *extra]
+    env = dict(os.environ)
+    if venv == "mlxlora" and blas.find_openblas():
+        env["LD_PRELOAD"] = blas.find_openblas()  # the same BLAS as ours (see peers/mlxlora_grpo_step.py)
+    before = uptime()
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE / "peers")
+    process_s = time.perf_counter() - started
+    after = uptime()
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()
+        return {"setting": peer, "error": tail[-1] if tail else f"exit {done.returncode}", "uptime_before": before,
+                "uptime_after": after}
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    B = args.prompts * args.group_size
+    return {"setting": peer, **r, "step_s": r["step_s"][0], "process_s": process_s, "rows": B,
+            "completion_len": r["completion_len_mean"],
+            "step_tok_s": B * r["completion_len_mean"] / r["step_s"][0] if r["completion_len_mean"] else None,
+            "uptime_before": before, "uptime_after": after}
+
+
 def main():
     args = parse_args()
     if args.child:
-        model_dir, setting = args.child.rsplit(":", 1)
-        print(json.dumps(measure(model_dir, setting, args)))
+        model_dir, data, setting = args.child.rsplit(":", 2)
+        print(json.dumps(measure(model_dir, data, setting, args)))
         return
     import mlx.core as mx
 
@@ -219,16 +269,21 @@ def main():
     print(f"GRPO + LoRA rank {args.lora_rank}, {args.prompts} prompts x {args.group_size}, {args.prompt_tokens} prompt "
           f"+ {args.new_tokens} new tokens, kl_coef {args.kl_coef}, one epoch; {args.warmup} warm-up step(s)", flush=True)
     for name in args.models.split(","):
-        model_dir = workdir / name
+        model_dir = Path(REAL[name]) if name in REAL else workdir / name
+        if name in REAL and not model_dir.exists():
+            print(f"{name}: {model_dir} not found (bash scripts/get_smollm2.sh makes it); skipped", flush=True)
+            continue
         if not (model_dir / "model.safetensors").exists():
             n = build_checkpoint(name, model_dir)
         else:
-            n = sum(mx.load(str(model_dir / "model.safetensors"))[k].size for k in mx.load(str(model_dir / "model.safetensors")))
-        write_prompts(model_dir / "prompts.jsonl", args.prompt_tokens)
-        entry = results["models"][name] = {"config": MODELS[name], "parameters": n, "runs": []}
+            n = sum(v.size for v in mx.load(str(model_dir / "model.safetensors")).values())
+        data = workdir / f"{name}-prompts.jsonl"
+        write_prompts(data, args.prompt_tokens)
+        config = json.loads((model_dir / "config.json").read_text())
+        entry = results["models"][name] = {"config": config, "parameters": n, "runs": []}
         print(f"{name}: {n / 1e6:.0f}M parameters ({n * 4 / 1e9:.2f} GB float32) in {model_dir}", flush=True)
         for setting in args.settings.split(","):
-            r = run_child(model_dir, setting, args)
+            r = run_child(model_dir, data, setting, args)
             entry["runs"].append(r)
             print("  " + json.dumps(r), flush=True)  # every figure in the log too, as soon as it is measured
             if "error" in r:
@@ -238,6 +293,19 @@ def main():
             print(f"  {setting:<20} {r['step_s']:7.1f} s/step [{phases}]  MLX peak {r['peak_memory_gb']:.2f} GB, "
                   f"peak RSS {r['peak_rss_gb']:.2f} GB; train {r['train_tok_s']:.0f} tok/s; {r['uptime_after']}",
                   flush=True)
+        for peer in [p for p in args.peers.split(",") if p and p != "none"]:
+            r = run_peer(model_dir, data, peer, args)
+            entry["runs"].append(r)
+            print("  " + json.dumps(r), flush=True)
+            if "error" in r:
+                print(f"  {peer:<20} failed: {r['error']}", flush=True)
+                continue
+            mlx_peak = f"MLX peak {r['peak_memory_gb']:.2f} GB, " if "peak_memory_gb" in r else ""
+            print(f"  {peer:<20} {r['step_s']:7.1f} s/step, completions {r['completion_len']:.0f} tokens, {mlx_peak}"
+                  f"peak RSS {r['peak_rss_gb']:.2f} GB; {r['uptime_after']}", flush=True)
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         if args.json:  # after every model: a run cut short keeps what it measured
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -17,9 +17,9 @@ FORMAT = re.compile(r"^\s*\d+\s*\.?\s*$")
 FORMAT_WEIGHT = 0.1
 
 
-def read_rows(data_dir, split="train"):
-    """The rows of DATA/train.jsonl: {"prompt", "answer", "kind"}."""
-    with open(f"{data_dir}/{split}.jsonl") as f:
+def read_rows(data, split="train"):
+    """The rows of DATA/train.jsonl, or of DATA itself where it is a .jsonl file: {"prompt", "answer", ...}."""
+    with open(data if str(data).endswith(".jsonl") else f"{data}/{split}.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

@@ -9,7 +9,9 @@ It calls mlx-lm-lora's `train_grpo` (mlx_lm_lora/trainer/grpo_trainer.py, 5.10.2
 same checkpoint directory: the model loaded and given LoRA adapters by mlx-lm-lora's `from_pretrained` (mlx-lm's
 LoRALinear on every linear layer of all 30 blocks, rank 8, scale 20 as mlx-rl's default, dropout 0), AdamW
 (mlx-lm-lora's `--optimizer adamw`), and its GRPO at the same settings: batch_size 8 prompts x group_size 4, 32
-new tokens, temperature 1, top-p 1, top-k 0 and min-p 0 (both off), beta 0 (no reference pass; ref_model=None),
+new tokens, temperature 1, top-p 1, top-k 0 and min-p 0 (both off), beta 0 (no reference pass; ref_model=None;
+bench_scale.py passes --beta 0.04, and then the checkpoint is loaded a second time as the frozen reference, as
+mlx-lm-lora's train.py does for GRPO; and --plain-prompts: its prompts are raw text),
 epsilon 0.2, loss "grpo" (per-sequence mean), token-level ratios, no gradient accumulation or checkpointing,
 no validation, no end-of-answer token besides EOS. mlx-lm-lora's GRPO always makes one update per rollout
 (its ratio is exactly 1). Its dataset rows are (prompt ids, answer ids, prompt, answer, type) tuples; the prompt
@@ -62,6 +64,10 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--beta", type=float, default=0.0,
+                        help="KL coefficient; > 0 loads the reference model a second time, as mlx-lm-lora's CLI does")
+    parser.add_argument("--grad-checkpoint", action="store_true")
+    parser.add_argument("--plain-prompts", action="store_true", help="prompts as raw text, no chat template")
     args = parser.parse_args()
 
     mx.random.seed(0)
@@ -72,8 +78,16 @@ def main():
     rows = read_rows(args.data)
     dataset = []
     for r in rows:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
+        if args.plain_prompts:
+            ids = tokenizer.encode(r["prompt"])
+        else:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
         dataset.append((list(ids), tokenizer.encode(str(r["answer"])), r["prompt"], str(r["answer"]), r.get("kind")))
+    ref_model = None
+    if args.beta > 0:  # mlx-lm-lora's train.py, load_reference_model: the checkpoint loaded again, frozen
+        from mlx_lm import load
+
+        ref_model = load(args.model)[0].freeze()
     reward = make_reward()
     reward.__name__ = "lenient_numeric_format"
 
@@ -83,22 +97,24 @@ def main():
     reward_fn.__name__ = "lenient_numeric_format"
     steps = args.warmup + args.steps
     reports = Reports()
+    mx.reset_peak_memory()  # as bench_scale.py does for mlx-rl: the weights (both copies) count, loading's transients not
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         train_grpo(
-            model=model, ref_model=None, tokenizer=tokenizer, optimizer=optim.AdamW(learning_rate=args.lr),
+            model=model, ref_model=ref_model, tokenizer=tokenizer, optimizer=optim.AdamW(learning_rate=args.lr),
             train_dataset=dataset, val_dataset=None, reward_funcs=[reward_fn],
             args=GRPOTrainingArgs(
-                batch_size=args.prompts, iters=steps, group_size=args.group_size, beta=0.0, epsilon=0.2,
+                batch_size=args.prompts, iters=steps, group_size=args.group_size, beta=args.beta, epsilon=0.2,
                 max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
                 grpo_loss_type="grpo", importance_sampling_level="token", steps_per_report=1,
                 steps_per_eval=10**9, steps_per_save=10**9, adapter_file=f"{tmp}/adapters.safetensors",
-                max_seq_length=2048, grad_checkpoint=False, gradient_accumulation_steps=1),
+                max_seq_length=2048, grad_checkpoint=args.grad_checkpoint, gradient_accumulation_steps=1),
             training_callback=reports, end_answer_token="",
         )
     timed = [1.0 / r["iterations_per_second"] for r in reports.reports[args.warmup:]]
     lengths = [r["train_average_generated_tokens"] for r in reports.reports[args.warmup:]]
     print(json.dumps({
         "peer": f"mlx-lm-lora {version('mlx-lm-lora')}, mlx {mx.__version__}",
+        "grad_checkpoint": args.grad_checkpoint, "beta": args.beta,
         "step_s_mean": statistics.mean(timed), "step_s_median": statistics.median(timed), "step_s_min": min(timed),
         "step_s": timed, "steps": len(timed), "trainable_parameters": trainable,
         "completion_len_mean": statistics.mean(lengths), "peak_memory_gb": mx.get_peak_memory() / 1e9,

@@ -8,7 +8,9 @@ leaves out the tied output layer: the same 210 layers as mlx-rl's), alpha = 20 x
 dropout 0. Settings as bench_real_model.py's: 8 prompts x group 4 (per_device_train_batch_size counts
 completions), 32 new tokens, temperature 1, top-p 1, no top-k, beta 0 (no reference model), one iteration per
 batch, loss_type "grpo" (per-sequence mean, as mlx-rl's), clip 0.2, AdamW, gradient clipping at 1.0 (the
-Trainer's default, as mlx-rl's), two torch threads, no gradient checkpointing. The prompts are the chat task's
+Trainer's default, as mlx-rl's), two torch threads, gradient checkpointing only with --gradient-checkpointing.
+bench_scale.py also passes --beta 0.04 (with PEFT, TRL's reference is the same model with its adapters switched
+off: no second copy) and --plain-prompts (its prompts are raw text). The prompts are otherwise the chat task's
 train rows as chat messages, so TRL applies the same chat template (the same token ids: checked by
 bench_real_model.py's notes). A step is timed from the trainer's step-begin to step-end callbacks:
 generation, reward, the loss's forward and backward, the optimizer. Prints one JSON line.
@@ -56,17 +58,20 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (> 0: the adapters-off reference pass)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--plain-prompts", action="store_true", help="prompts as raw text, no chat template")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     rows = read_rows(args.data)
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
-                                 for r in rows])
+    dataset = Dataset.from_list([{"prompt": r["prompt"] if args.plain_prompts else [{"role": "user", "content": r["prompt"]}],
+                                  "answer": r["answer"]} for r in rows])
     config = GRPOConfig(
         output_dir="/tmp/mlx-rl-peer-trl-lora", per_device_train_batch_size=args.prompts * args.group_size,
         num_generations=args.group_size, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
-        top_k=0, beta=0.0, num_iterations=1, loss_type="grpo", epsilon=0.2, max_steps=args.warmup + args.steps,
-        learning_rate=args.lr, max_grad_norm=1.0, use_cpu=True, bf16=False, gradient_checkpointing=False,
+        top_k=0, beta=args.beta, num_iterations=1, loss_type="grpo", epsilon=0.2, max_steps=args.warmup + args.steps,
+        learning_rate=args.lr, max_grad_norm=1.0, use_cpu=True, bf16=False, gradient_checkpointing=args.gradient_checkpointing,
         save_strategy="no", report_to="none", logging_steps=1, dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
     lora = LoraConfig(r=args.lora_rank, lora_alpha=20 * args.lora_rank, lora_dropout=0.0, target_modules="all-linear",
@@ -84,6 +89,7 @@ def main():
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     print(json.dumps({
         "peer": f"trl {trl.__version__} + peft, torch {torch.__version__}",
+        "gradient_checkpointing": args.gradient_checkpointing, "beta": args.beta,
         "step_s_mean": statistics.mean(timed), "step_s_median": statistics.median(timed), "step_s_min": min(timed),
         "step_s": timed, "steps": len(timed), "trainable_parameters": trainable,
         "completion_len_mean": statistics.mean(lengths[args.warmup:]) if len(lengths) > args.warmup else None,
