@@ -244,9 +244,12 @@ def run_peer(model_dir, data, peer, args):
     process_s = time.perf_counter() - started
     after = uptime()
     if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()
-        return {"setting": peer, "error": tail[-1] if tail else f"exit {done.returncode}", "uptime_before": before,
-                "uptime_after": after}
+        tail = [line for line in done.stderr.strip().splitlines() if "warn" not in line.lower()]
+        error = f"exit {done.returncode}" + (f": {tail[-1].strip()}" if tail else "")
+        if done.returncode == -9:  # SIGKILL: on Linux, the kernel's out-of-memory killer (dmesg says)
+            error = "killed by SIGKILL (out of memory?)"
+        return {"setting": peer, "error": error, "returncode": done.returncode, "process_s": process_s,
+                "uptime_before": before, "uptime_after": after}
     r = json.loads(done.stdout.strip().splitlines()[-1])
     B = args.prompts * args.group_size
     return {"setting": peer, **r, "step_s": r["step_s"][0], "process_s": process_s, "rows": B,

@@ -373,3 +373,73 @@ def test_mlx_lm_generate_cli_with_adapters(tmp_path, ckpt):
                               capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
         assert done.returncode == 0, done.stderr
         assert "Generation:" in done.stdout
+
+
+# --- the Qwen3-0.6B recipe of docs/byo.md, as written there ---------------------------------------------------------
+
+BYO_PAGE = Path(__file__).resolve().parent.parent / "docs" / "byo.md"
+
+
+def recipe_commands(name):
+    """The `mlx-rl ...` commands of the recipe block marked `<!-- recipe: NAME ... -->` in docs/byo.md, as argv lists."""
+    import shlex
+
+    text = BYO_PAGE.read_text()
+    assert f"<!-- recipe: {name}" in text, f"docs/byo.md has no recipe {name}"
+    block = text.split(f"<!-- recipe: {name}", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = block.replace("\\\n", " ").splitlines()
+    return [shlex.split(line)[1:] for line in lines if line.startswith("mlx-rl ")]
+
+
+def run_recipe(tmp_path, model, extra=()):
+    """Run the recipe's commands on `model` with local prompts and a reward that tells completions apart (a random
+    model never writes the exact answer, and a step whose groups all score the same makes no update); the
+    recipe's own options otherwise, then `extra`. Returns the run directories."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                            for a in range(10, 40, 3) for b in range(5, 50, 7)))
+    (tmp_path / "reward.py").write_text("def spread(prompts, completions, **columns):\n"
+                                        "    return [float(sum(map(ord, c)) % 7) for c in completions]\n")
+    outs = []
+    for i, argv in enumerate(recipe_commands("qwen3-16gb")):
+        swap = {"--model": str(model), "--data": str(data), "--out": str(tmp_path / f"run{i}"),
+                "--reward": f"{tmp_path / 'reward.py'}:spread"}
+        argv = [swap.get(argv[j - 1], a) if j else a for j, a in enumerate(argv)]
+        main([*argv, *extra])
+        outs.append(tmp_path / f"run{i}")
+    return outs
+
+
+def check_recipe_run(out, model):
+    from mlx_lm import load as mlx_load
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["grad_checkpoint"] is True and config["micro_batch"] == 4 and config["lora_rank"] == 8
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["optim/grad_norm"] > 0
+    mlx_load(str(model), adapter_path=str(out / "checkpoint" / "adapters"))  # the recipe's mlx_lm generate line
+    return rows
+
+
+def test_qwen3_recipe_runs_on_a_4bit_qwen3(tmp_path, ckpt):
+    """The recipe at its own batch (8 prompts x 4, 128 new tokens), one step, on a tiny 4-bit Qwen3 checkpoint."""
+    model = ckpt("qwen3", 4)
+    (out,) = run_recipe(tmp_path, model, ["--steps", "1", "--eval-prompts", "2"])
+    check_recipe_run(out, model)
+    assert json.loads((out / "config.json").read_text())["prompts_per_step"] == 8
+
+
+@pytest.mark.slow
+def test_qwen3_recipe_runs_on_a_qwen3_0_6b_shaped_checkpoint(tmp_path):
+    """The recipe's options on a checkpoint with Qwen3-0.6B's exact dimensions (random float32 weights, a
+    vocabulary of 151,936: bench_scale.py's), at a smaller batch so that the slow suite stays short:
+    the memory options run on the real shape and the step peaks far below a 16 GB Mac's budget."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_scale
+
+    model = tmp_path / "qwen3-0.6b"
+    bench_scale.build_checkpoint("qwen3-0.6b", model)
+    (out,) = run_recipe(tmp_path, model, ["--steps", "1", "--eval-prompts", "2", "--prompts-per-step", "2",
+                                          "--group-size", "2", "--max-new-tokens", "16"])
+    rows = check_recipe_run(out, model)
+    assert rows[-1]["perf/peak_memory_gb"] < 6.0

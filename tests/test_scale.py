@@ -394,9 +394,13 @@ def test_bench_scale_builds_a_shaped_checkpoint_and_measures_a_step(tmp_path, mo
     bench_scale.write_prompts(model_dir / "prompts.jsonl", 16)
     args = bench_scale.parse_args(["--prompts", "2", "--group-size", "2", "--prompt-tokens", "16", "--new-tokens", "4",
                                    "--warmup", "0"])
-    full = bench_scale.measure(str(model_dir), "full", args)
-    small = bench_scale.measure(str(model_dir), "chunked+ckpt+micro4", args)
+    data = str(model_dir / "prompts.jsonl")
+    full = bench_scale.measure(str(model_dir), data, "full", args)
+    small = bench_scale.measure(str(model_dir), data, "chunked+ckpt+micro4", args)
     assert n > 0 and full["logits_chunk"] == 0 and small["grad_checkpoint"] and small["micro_batch"] == 4
     for r in (full, small):
         assert r["completion_len"] == 4 and r["rows"] == 4 and r["peak_memory_gb"] > 0 and r["peak_rss_gb"] > 0
         assert {"generate", "reference", "forward_backward", "optimizer"} <= set(r["phase_s"])
+    # a peer whose venv is missing is one line, not a crash of the whole benchmark
+    missing = bench_scale.parse_args(["--trl-python", str(tmp_path / "no-python")])
+    assert "not found" in bench_scale.run_peer(model_dir, data, "trl", missing)["error"]
