@@ -75,7 +75,7 @@ SETTINGS = {  # logits chunk (None: the default), --grad-checkpoint, --micro-bat
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="qwen3-0.6b,qwen2.5-1.5b")
-    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="mlx-rl's settings to measure (or 'none')")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -231,7 +231,7 @@ def run_peer(model_dir, data, peer, args):
     python = args.trl_python if venv == "trl" else args.mlxlora_python
     if not Path(python).exists():
         return {"setting": peer, "error": f"{python} not found (install the peer's venv: see benchmarks/peers/)"}
-    cmd = [python, str(HERE / "peers" / script), "--model", str(model_dir), "--data", str(data),
+    cmd = [python, str(HERE / "peers" / script), "--model", str(Path(model_dir).resolve()), "--data", str(Path(data).resolve()),
            "--steps", "1", "--warmup", str(args.warmup), "--prompts", str(args.prompts),
            "--group-size", str(args.group_size), "--max-new-tokens", str(args.new_tokens), "--lr", "1e-5",
            "--lora-rank", str(args.lora_rank), "--beta", str(args.kl_coef), "--plain-prompts", *extra]
@@ -285,7 +285,7 @@ def main():
         config = json.loads((model_dir / "config.json").read_text())
         entry = results["models"][name] = {"config": config, "parameters": n, "runs": []}
         print(f"{name}: {n / 1e6:.0f}M parameters ({n * 4 / 1e9:.2f} GB float32) in {model_dir}", flush=True)
-        for setting in args.settings.split(","):
+        for setting in [x for x in args.settings.split(",") if x and x != "none"]:
             r = run_child(model_dir, data, setting, args)
             entry["runs"].append(r)
             print("  " + json.dumps(r), flush=True)  # every figure in the log too, as soon as it is measured
