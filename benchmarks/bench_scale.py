@@ -19,8 +19,18 @@ For each: seconds per phase (time/*_s), tokens per second, MLX's peak memory (`m
 after the model is loaded, so it counts the weights and everything the step allocates) and the process's
 peak RSS. `uptime` before and after each goes in the JSON.
 
+Then the same step in the peers (`--peers`), each in its own venv and process, on the same checkpoint directory
+and prompts: TRL + PEFT (peers/trl_grpo_lora_step.py; `trl+ckpt` with gradient checkpointing) and mlx-lm-lora
+(peers/mlxlora_grpo_step.py; `mlx-lm-lora+ckpt` with its grad_checkpoint), LoRA rank 8 on every linear layer,
+beta = --kl-coef, the prompts as raw text. Their venvs are /work/peers/trl (torch CPU, transformers, trl, peft,
+datasets) and /work/peers/mlxlora (mlx-lm-lora); --trl-python and --mlxlora-python point elsewhere. A peer
+killed by the out-of-memory killer is recorded as such. `--models smollm2-135m` measures the real SmolLM2
+checkpoint that scripts/get_smollm2.sh makes.
+
     nice -n 19 .venv/bin/python benchmarks/bench_scale.py --json docs/runs/scale-cpu/summary.json
     nice -n 19 .venv/bin/python benchmarks/bench_scale.py --models qwen3-0.6b --settings full,chunked --warmup 0
+    nice -n 5 .venv/bin/python benchmarks/bench_scale.py --models qwen3-0.6b --settings chunked+ckpt+micro4 \
+        --peers trl+ckpt,mlx-lm-lora+ckpt,trl,mlx-lm-lora --prompts 8 --new-tokens 128 --warmup 0
 """
 
 import argparse
