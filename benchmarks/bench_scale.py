@@ -14,6 +14,7 @@ own), one step after one warm-up step unless --warmup 0, in turns in the same ru
     chunked       log-probs, entropies and their gradients a chunk of positions at a time (logprobs.py)
     chunked+ckpt  and --grad-checkpoint: each block's activations recomputed in the backward
     ...+micro4    and --micro-batch 4: four rows (one group) per forward/backward, gradients added up
+    chunked-eager chunked, with --no-compile (not run by default): what compiling the update holds in memory
 
 For each: seconds per phase (time/*_s), tokens per second, MLX's peak memory (`mx.get_peak_memory`, reset
 after the model is loaded, so it counts the weights and everything the step allocates) and the process's
@@ -74,18 +75,20 @@ PEERS = {  # name: (which venv, the script in peers/, its extra flags)
     "mlx-lm-lora": ("mlxlora", "mlxlora_grpo_step.py", []),
     "mlx-lm-lora+ckpt": ("mlxlora", "mlxlora_grpo_step.py", ["--grad-checkpoint"]),
 }
-SETTINGS = {  # logits chunk (None: the default), --grad-checkpoint, --micro-batch (None: the whole batch)
-    "full": (0, False, None),
-    "chunked": (None, False, None),
-    "chunked+ckpt": (None, True, None),
-    "chunked+ckpt+micro4": (None, True, 4),
+SETTINGS = {  # logits chunk (None: the default), --grad-checkpoint, --micro-batch (None: the whole batch), compiled
+    "full": (0, False, None, True),
+    "chunked": (None, False, None, True),
+    "chunked+ckpt": (None, True, None, True),
+    "chunked+ckpt+micro4": (None, True, 4, True),
+    "chunked-eager": (None, False, None, False),  # --no-compile: what compiling the update costs in memory
 }
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="qwen3-0.6b,qwen2.5-1.5b")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="mlx-rl's settings to measure (or 'none')")
+    parser.add_argument("--settings", default="full,chunked,chunked+ckpt,chunked+ckpt+micro4",
+                        help=f"mlx-rl's settings to measure, of {', '.join(SETTINGS)} (or 'none')")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -177,7 +180,7 @@ def measure(model_dir, data, setting, args):
     from mlx_rl.engine.lora import adapter_weights
     from mlx_rl.engine.session import start
 
-    chunk, grad_checkpoint, micro_batch = SETTINGS[setting]
+    chunk, grad_checkpoint, micro_batch, compiled = SETTINGS[setting]
     if chunk is not None:
         logprobs.LOGITS_CHUNK = chunk
     B = args.prompts * args.group_size
@@ -185,7 +188,7 @@ def measure(model_dir, data, setting, args):
     cfg = grpo.GRPOConfig(model=model_dir, data=data, reward=("exact",),
                           lora_rank=args.lora_rank, prompts_per_step=args.prompts, group_size=args.group_size,
                           max_new_tokens=args.new_tokens, epochs=1, kl_coef=args.kl_coef, temperature=1.0, lr=1e-5,
-                          pass_k=(), micro_batch=micro_batch or B, grad_checkpoint=grad_checkpoint,
+                          pass_k=(), micro_batch=micro_batch or B, grad_checkpoint=grad_checkpoint, compile=compiled,
                           out=str(Path(out) / "run"))
     load_s = time.perf_counter()
     session = start("grpo", cfg)
@@ -205,7 +208,7 @@ def measure(model_dir, data, setting, args):
     phase = {k[len("time/"):-2]: v for k, v in phases[0].items()}
     T = args.prompt_tokens + args.new_tokens
     return {
-        "setting": setting, "logits_chunk": logprobs.LOGITS_CHUNK, "grad_checkpoint": grad_checkpoint,
+        "setting": setting, "logits_chunk": logprobs.LOGITS_CHUNK, "grad_checkpoint": grad_checkpoint, "compiled": compiled,
         "micro_batch": micro_batch or B, "rows": B, "tokens_per_row": T,
         "step_s": step_s[0], "phase_s": phase, "load_s": load_s,
         "completion_len": lengths[0],
