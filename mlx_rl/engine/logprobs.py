@@ -185,7 +185,14 @@ def chunked_scores(model, hidden, targets, temperature=1.0, top_p=1.0, chunk=LOG
     Each chunk's logits are made, reduced to one log-prob and one entropy per
     position, and dropped. Under mx.checkpoint the backward pass makes them again,
     one chunk at a time, instead of keeping every chunk's (the output projection
-    runs twice: about one more matmul per position, for the head only). The
+    runs twice: about one more matmul per position, for the head only). The chunks
+    are independent, so MLX would be free to recompute all of them at once in the
+    backward (and did: about four copies of the whole logits at a real vocabulary);
+    each chunk's input therefore adds 0 x the previous chunk's first entropy, a data
+    dependency that makes the backward visit the chunks in turn. Adding an exact
+    zero changes no number (entropies are finite). Not solved here: in a full
+    fine-tune the head's gradient is a (V, H) array per chunk, and those are added up
+    only at the end, so that case still holds several of them at once. The
     head's trainable weights (a full fine-tune's lm_head or tied embeddings) go in
     as explicit inputs so that their gradient flows through the checkpoint.
     """
@@ -208,7 +215,10 @@ def chunked_scores(model, hidden, targets, temperature=1.0, top_p=1.0, chunk=LOG
             head.update(saved)
             return out
 
-        lp, ent = mx.checkpoint(score)(head.trainable_parameters(), flat_hidden[begin : begin + rows])
+        h = flat_hidden[begin : begin + rows]
+        if entropy:  # chain the chunks: this one reads (0 x) the last one's entropy, so the backward runs them
+            h = h + 0.0 * entropy[-1][:1, None]  # one after another, each chunk's logits freed before the next's
+        lp, ent = mx.checkpoint(score)(head.trainable_parameters(), h)
         logprobs.append(lp)
         entropy.append(ent)
     return mx.concatenate(logprobs).reshape(B, L), mx.concatenate(entropy).reshape(B, L)
