@@ -507,9 +507,17 @@ def family_figures(run_dir, threshold=0.9):
     evals = [r for r in rows if "eval/accuracy" in r]
     t0 = rows[0]["wall_s"] if rows else 0.0
     first = next((r for r in evals if r["eval/accuracy"] >= threshold), None)
+    at = {r["step"]: r["eval/accuracy"] for r in evals}
+    trained = [r for r in rows if "policy/entropy" in r]
+    mean = lambda key, rs: sum(r[key] for r in rs) / len(rs) if rs and all(key in r for r in rs) else None  # noqa: E731
     return {"final_accuracy": evals[-1]["eval/accuracy"] if evals else None,
             "time_to_90_s": round(first["wall_s"] - t0, 1) if first else None,
-            "train_s": round(rows[-1]["wall_s"] - t0, 1) if rows else None}
+            "train_s": round(rows[-1]["wall_s"] - t0, 1) if rows else None,
+            "accuracy_step_10": at.get(10), "accuracy_step_20": at.get(20),
+            "first_step_at_90": first["step"] if first else None,
+            "entropy_first_10": mean("policy/entropy", [r for r in trained if r["step"] <= 10]),
+            "clipfrac_mean": mean("policy/clipfrac", trained),
+            "k3_kl_end": trained[-1].get("kl/k3") if trained else None}
 
 
 def family_table(rows, task, before):
@@ -518,11 +526,17 @@ def family_table(rows, task, before):
     lines = [f"GRPO's family on {task}, every variant at its defaults from one checkpoint (held-out greedy accuracy "
              f"{fmt(before)} at the start). Time to 90%: seconds of training to the first evaluation at 90% or more. "
              "Wall time: training, then the whole command (loading, pass@k at start and end, plots).", "",
-             "| variant | status | final accuracy | time to 90% | wall time (training) | wall time (command) |",
-             "|---|---|---|---|---|---|"]
+             "| variant | status | step 10 | step 20 | final accuracy | first step at 90% | time to 90% | "
+             "entropy, first 10 steps | clip fraction, mean | k3 KL at the end | wall time (training) | "
+             "wall time (command) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    num = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['status']} | {fmt(r.get('final_accuracy'))} | {secs(r.get('time_to_90_s'))} | "
-                     f"{secs(r.get('train_s'))} | {secs(r['wall_s'])} |")
+        lines.append(f"| {r['variant']} | {r['status']} | {fmt(r.get('accuracy_step_10'))} | "
+                     f"{fmt(r.get('accuracy_step_20'))} | {fmt(r.get('final_accuracy'))} | "
+                     f"{num(r.get('first_step_at_90'), 'd')} | {secs(r.get('time_to_90_s'))} | "
+                     f"{num(r.get('entropy_first_10'), '.3f')} | {num(r.get('clipfrac_mean'), '.2%')} | "
+                     f"{num(r.get('k3_kl_end'), '.2f')} | {secs(r.get('train_s'))} | {secs(r['wall_s'])} |")
     return lines
 
 
