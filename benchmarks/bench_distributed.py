@@ -3,6 +3,7 @@ backend over loopback), with the all-reduce share of the step and the bytes each
 
     .venv/bin/python benchmarks/bench_distributed.py                 # both, 1 and 2 processes
     .venv/bin/python benchmarks/bench_distributed.py --steps 20 --json dist.json
+    .venv/bin/python benchmarks/bench_distributed.py --oversubscribed   # and each rank with a thread per core
 
 On one 2-core machine two processes share the same cores, so the 2-process step is not faster: this measures
 what the all-reduce costs and how many bytes a step moves, which is what a run over two Macs needs on paper.
@@ -82,11 +83,13 @@ def worker(args):
         print("RESULT " + json.dumps(out), flush=True)
 
 
-def run(processes, args):
+def run(processes, args, env=None):
+    import os
+
     cmd = [sys.executable, __file__, "--worker", "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if processes > 1:
         cmd = [str(Path(sys.executable).with_name("mlx.launch")), "-n", str(processes), "--"] + cmd
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
     line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"the {processes}-process benchmark failed:\n{(p.stdout + p.stderr)[-3000:]}")
@@ -99,16 +102,26 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--oversubscribed", action="store_true",
+                    help="also 2 processes with OPENBLAS_NUM_THREADS = the cores, each (what sharing the cores avoids)")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
     results = {1: run(1, args), 2: run(2, args)}
+    if args.oversubscribed:  # every rank with a BLAS thread per core, as before mlx-rl split the cores between them
+        import os
+
+        results["2-oversubscribed"] = run(2, args, {"OPENBLAS_NUM_THREADS": str(os.cpu_count())})
     for chapter in ("pretrain", "grpo"):
         one, two = results[1][chapter], results[2][chapter]
         print(f"{chapter}: 1 process {one['step_s'] * 1000:.1f} ms/step; 2 processes {two['step_s'] * 1000:.1f} ms/step, "
               f"all-reduce {two['allreduce_s'] * 1000:.1f} ms ({two['allreduce_share']:.1%} of the step), "
               f"{two['payload_bytes_per_step'] / 1e6:.2f} MB reduced, {two['sent_bytes_per_rank_per_step'] / 1e6:.2f} MB "
               f"sent per rank per step ({two['trainable_parameters']:,} trainable parameters)")
+    if args.oversubscribed:
+        for chapter in ("pretrain", "grpo"):
+            print(f"{chapter}: 2 processes with a BLAS thread per core each "
+                  f"{results['2-oversubscribed'][chapter]['step_s'] * 1000:.1f} ms/step")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
