@@ -448,17 +448,21 @@ def test_benchmark_family_figures_table_and_overlay(tmp_path):
     for name, accuracies in (("grpo", [0.3, 0.6, 0.95, 1.0]), ("dapo", [0.3, 0.4, 0.5, 0.6])):
         d = tmp_path / name
         d.mkdir()
-        rows = [{"step": i, "wall_s": 5.0 + 10 * i, "eval/accuracy": a, "policy/entropy": 1 - 0.1 * i,
-                 "policy/completion_len": 4.0, "policy/clipfrac": 0.01 * i} for i, a in enumerate(accuracies)]
+        rows = [{"step": 10 * i, "wall_s": 5.0 + 10 * i, "eval/accuracy": a, "policy/entropy": 1 - 0.1 * i,
+                 "policy/completion_len": 4.0, "policy/clipfrac": 0.01 * i, "kl/k3": 0.1 * i}
+                for i, a in enumerate(accuracies)]
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         dirs.append(d)
     grpo_figures, dapo_figures = (runner.family_figures(d) for d in dirs)
-    assert grpo_figures == {"final_accuracy": 1.0, "time_to_90_s": 20.0, "train_s": 30.0}  # from the first evaluation
-    assert dapo_figures["time_to_90_s"] is None
+    assert grpo_figures == pytest.approx({  # seconds from the first evaluation; entropy over the rows up to step 10
+        "final_accuracy": 1.0, "time_to_90_s": 20.0, "train_s": 30.0, "accuracy_step_10": 0.6, "accuracy_step_20": 0.95,
+        "first_step_at_90": 20, "entropy_first_10": 0.95, "clipfrac_mean": 0.015, "k3_kl_end": 0.3})
+    assert dapo_figures["time_to_90_s"] is None and dapo_figures["first_step_at_90"] is None
     rows = [{"variant": "grpo", "status": "ok", "wall_s": 41.0, **grpo_figures},
             {"variant": "dapo", "status": "ok", "wall_s": 40.0, **dapo_figures}]
     lines = runner.family_table(rows, "addition", 0.3)
-    assert lines[-2] == "| grpo | ok | 100.0% | 20 s | 30 s | 41 s |" and lines[-1].startswith("| dapo | ok | 60.0% | - |")
+    assert lines[-2] == "| grpo | ok | 60.0% | 95.0% | 100.0% | 20 | 20 s | 0.950 | 1.50% | 0.30 | 30 s | 41 s |"
+    assert lines[-1].startswith("| dapo | ok | 40.0% | 50.0% | 60.0% | - | - |")
     assert runner.plot_family(dirs, ["grpo", "dapo"], tmp_path / "overlay.png", "t").stat().st_size > 0
     table = runner.pass_at_k_table({"pretrain": {"eval/accuracy": 0.3, "pass@1": 0.25, "pass@8": 0.7, "pass@64": 0.99},
                                     "grpo": None})
