@@ -187,7 +187,7 @@ def chunked_scores(model, hidden, targets, temperature=1.0, top_p=1.0, chunk=LOG
     one chunk at a time, instead of keeping every chunk's (the output projection
     runs twice: about one more matmul per position, for the head only). The chunks
     are independent, so MLX would be free to recompute all of them at once in the
-    backward (and did: about four copies of the whole logits at a real vocabulary);
+    backward (and did: twice the whole logits' size in tests/test_scale.py's 64-chunk pass);
     each chunk's input therefore adds 0 x the previous chunk's first entropy, a data
     dependency that makes the backward visit the chunks in turn. Adding an exact
     zero changes no number (entropies are finite). Not solved here: in a full
