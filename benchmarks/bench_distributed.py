@@ -12,6 +12,7 @@ A ring all-reduce of S bytes sends 2 (W - 1) / W x S bytes per rank.
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -84,8 +85,6 @@ def worker(args):
 
 
 def run(processes, args, env=None):
-    import os
-
     cmd = [sys.executable, __file__, "--worker", "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if processes > 1:
         cmd = [str(Path(sys.executable).with_name("mlx.launch")), "-n", str(processes), "--"] + cmd
@@ -109,8 +108,6 @@ def main():
         return worker(args)
     results = {1: run(1, args), 2: run(2, args)}
     if args.oversubscribed:  # every rank with a BLAS thread per core, as before mlx-rl split the cores between them
-        import os
-
         results["2-oversubscribed"] = run(2, args, {"OPENBLAS_NUM_THREADS": str(os.cpu_count())})
     for chapter in ("pretrain", "grpo"):
         one, two = results[1][chapter], results[2][chapter]

@@ -248,9 +248,9 @@ def run_peer(model_dir, data, peer, args):
            "--steps", "1", "--warmup", str(args.warmup), "--prompts", str(args.prompts),
            "--group-size", str(args.group_size), "--max-new-tokens", str(args.new_tokens), "--lr", "1e-5",
            "--lora-rank", str(args.lora_rank), "--beta", str(args.kl_coef), "--plain-prompts", *extra]
-    env = dict(os.environ)
-    if venv == "mlxlora" and blas.find_openblas():
-        env["LD_PRELOAD"] = blas.find_openblas()  # the same BLAS as ours (see peers/mlxlora_grpo_step.py)
+    env, openblas = dict(os.environ), blas.find_openblas()
+    if venv == "mlxlora" and openblas:
+        env["LD_PRELOAD"] = openblas  # the same BLAS as ours (see peers/mlxlora_grpo_step.py)
     before = uptime()
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE / "peers")
@@ -269,6 +269,13 @@ def run_peer(model_dir, data, peer, args):
             "completion_len": r["completion_len_mean"],
             "step_tok_s": B * r["completion_len_mean"] / r["step_s"][0] if r["completion_len_mean"] else None,
             "uptime_before": before, "uptime_after": after}
+
+
+def save(results, path):
+    """Every figure so far to the --json file (if one was given)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main():
@@ -319,12 +326,8 @@ def main():
             mlx_peak = f"MLX peak {r['peak_memory_gb']:.2f} GB, " if "peak_memory_gb" in r else ""
             print(f"  {peer:<20} {r['step_s']:7.1f} s/step, completions {r['completion_len']:.0f} tokens, {mlx_peak}"
                   f"peak RSS {r['peak_rss_gb']:.2f} GB; {r['uptime_after']}", flush=True)
-            if args.json:
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        if args.json:  # after every model: a run cut short keeps what it measured
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            save(results, args.json)  # a peer's run takes minutes: keep each as soon as it is measured
+        save(results, args.json)  # after every model: a run cut short keeps what it measured
 
 
 if __name__ == "__main__":
