@@ -146,17 +146,21 @@ def test_chunked_pass_never_holds_the_whole_logits():
     assert chunked < full - 2 * logits_bytes, (full / 1e6, chunked / 1e6)
 
 
-def test_the_backward_scores_the_chunks_one_after_another():
+@pytest.mark.parametrize("head", ["frozen", "trained"])
+def test_the_backward_scores_the_chunks_one_after_another(head):
     """With a real model's ratio of positions to chunk size (64 chunks here), the backward pass must not make every
     chunk's logits again at once: the training pass peaks far below the size of the whole logits (before the
-    chunks were chained it held twice their size here: 541 MB). The head is frozen, as under LoRA."""
+    chunks were chained it held twice their size here: 541 MB). The head frozen, as under LoRA, and trained, as in
+    a full fine-tune, where each chunk also adds a (V, H) gradient of the tied embeddings (it peaked at 417 MB
+    before the backward added them up chunk by chunk)."""
     from mlx_lm.utils import _get_classes
 
     _, _, config = new_tiny_model("micro")
     config = {**config, "vocab_size": 32768, "num_hidden_layers": 1}
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
-    model.model.embed_tokens.freeze()  # the tied head: a full fine-tune's gradient of it is (V, H) per chunk
+    if head == "frozen":
+        model.model.embed_tokens.freeze()
     mx.eval(model.parameters())
     tokens = mx.array(np.random.default_rng(0).integers(0, 32768, size=(8, 257)))
     mask, weights = mx.ones((8, 256)), mx.ones((8, 256))
@@ -167,6 +171,15 @@ def test_the_backward_scores_the_chunks_one_after_another():
     mx.reset_peak_memory()
     loss_and_grads(model, tokens, mask, weights, chunk=2**20)  # 32 positions, 4 MB of logits, per chunk
     assert mx.get_peak_memory() - base < 0.5 * logits_bytes, (mx.get_peak_memory() - base) / 1e6
+
+
+def test_chunked_scores_keep_a_bfloat16_model_in_bfloat16():
+    """The chain between chunks adds a float32 zero: cast to the hidden states' dtype, so a bfloat16 model's head
+    still multiplies in bfloat16 (a float32 input would make every chunk cast the (V, H) head to float32)."""
+    from mlx_rl.engine.logprobs import after
+
+    h = mx.ones((2, 3), dtype=mx.bfloat16)
+    assert after(h, [mx.array([1.5], dtype=mx.float32)]).dtype == mx.bfloat16
 
 
 # --- 2. activation checkpointing -----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ so a loss that mixes policy and reference log-probs trains only the policy.
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
@@ -183,18 +184,16 @@ def chunked_scores(model, hidden, targets, temperature=1.0, top_p=1.0, chunk=LOG
     """score_logits(output_layer(model, hidden), targets), a chunk of positions at a time. (B, L, H) -> (B, L) x 2
 
     Each chunk's logits are made, reduced to one log-prob and one entropy per
-    position, and dropped. Under mx.checkpoint the backward pass makes them again,
-    one chunk at a time, instead of keeping every chunk's (the output projection
-    runs twice: about one more matmul per position, for the head only). The chunks
-    are independent, so MLX would be free to recompute all of them at once in the
-    backward (and did: twice the whole logits' size in tests/test_scale.py's 64-chunk pass);
-    each chunk's input therefore adds 0 x the previous chunk's first entropy, a data
-    dependency that makes the backward visit the chunks in turn. Adding an exact
-    zero changes no number (entropies are finite). Not solved here: in a full
-    fine-tune the head's gradient is a (V, H) array per chunk, and those are added up
-    only at the end, so that case still holds several of them at once. The
-    head's trainable weights (a full fine-tune's lm_head or tied embeddings) go in
-    as explicit inputs so that their gradient flows through the checkpoint.
+    position, and dropped. The backward is written out (`mx.custom_function`): it
+    makes each chunk's logits again, takes that chunk's vector-Jacobian product, and
+    adds the head's gradient as it goes (a full fine-tune's lm_head or tied
+    embeddings: a (V, H) array per chunk, which would otherwise pile up). The output
+    projection runs twice: about one more matmul per position, for the head only.
+    The chunks are independent, so MLX would be free to run them all at once, in the
+    forward and in the backward (and did: twice the whole logits' size in
+    tests/test_scale.py's 64-chunk pass); each chunk's input therefore adds 0 x the
+    previous chunk's results (`after`), a data dependency that makes both passes
+    visit the chunks in turn. Adding an exact zero changes no number.
     """
     B, L, H = hidden.shape
     vocab = model.args.vocab_size if hasattr(model, "args") else output_layer(model, hidden[:1, :1]).shape[-1]
@@ -204,24 +203,47 @@ def chunked_scores(model, hidden, targets, temperature=1.0, top_p=1.0, chunk=LOG
         logprobs, entropy = score_logits(output_layer(model, flat_hidden), flat_targets, temperature, top_p)
         return logprobs.reshape(B, L), entropy.reshape(B, L)
     head = model.lm_head if getattr(model, "lm_head", None) is not None else model.model.embed_tokens
-    logprobs, entropy = [], []
-    for begin in range(0, B * L, rows):
-        t = flat_targets[begin : begin + rows]
+    names = [name for name, _ in tree_flatten(head.trainable_parameters())]  # a full fine-tune's head; LoRA: none
+    spans = [(begin, min(begin + rows, B * L)) for begin in range(0, B * L, rows)]
 
-        def score(head_params, h, t=t):
-            saved = head.trainable_parameters()
-            head.update(head_params)  # the checkpoint's own copies, so their gradient is the head's
-            out = score_logits(output_layer(model, h), t, temperature, top_p)  # (rows, V) -> (rows,) x 2
-            head.update(saved)
-            return out
+    def score(h, t, weights):  # one chunk: (rows, H) -> its (rows, V) logits -> (rows,) x 2
+        saved = head.trainable_parameters()
+        head.update(tree_unflatten(list(zip(names, weights))))  # these arrays, so their gradient is the head's
+        out = score_logits(output_layer(model, h), t, temperature, top_p)
+        head.update(saved)
+        return out
 
-        h = flat_hidden[begin : begin + rows]
-        if entropy:  # chain the chunks: this one reads (0 x) the last one's entropy, so the backward runs them
-            h = h + 0.0 * entropy[-1][:1, None]  # one after another, each chunk's logits freed before the next's
-        lp, ent = mx.checkpoint(score)(head.trainable_parameters(), h)
-        logprobs.append(lp)
-        entropy.append(ent)
-    return mx.concatenate(logprobs).reshape(B, L), mx.concatenate(entropy).reshape(B, L)
+    @mx.custom_function
+    def scores(flat_hidden, weights):
+        out = []
+        for begin, end in spans:
+            h = after(flat_hidden[begin:end], out[-1] if out else ())
+            out.append(score(h, flat_targets[begin:end], weights))
+        return mx.concatenate([lp for lp, _ in out]), mx.concatenate([ent for _, ent in out])
+
+    @scores.vjp
+    def scores_vjp(primals, cotangents, _):
+        flat_hidden, weights = primals
+        d_logprobs, d_entropy = cotangents
+        d_hidden, d_weights = [], [mx.zeros_like(w) for w in weights]
+        for begin, end in spans:
+            h = after(flat_hidden[begin:end], [d_hidden[-1], *d_weights] if d_hidden else ())
+            t = flat_targets[begin:end]
+            _, (d_h, *d_w) = mx.vjp(lambda h, *w: score(h, t, w), [h, *weights],
+                                    [d_logprobs[begin:end], d_entropy[begin:end]])
+            d_hidden.append(d_h)
+            d_weights = [total + d for total, d in zip(d_weights, d_w)]
+        return mx.concatenate(d_hidden), d_weights
+
+    logprobs, entropy = scores(flat_hidden, [w for _, w in tree_flatten(head.trainable_parameters())])
+    return logprobs.reshape(B, L), entropy.reshape(B, L)
+
+
+def after(x, previous):
+    """x + 0 x (an element of each of `previous`): the same numbers, but computed only once `previous` is."""
+    for p in previous:
+        x = x + (0.0 * p.reshape(-1)[0]).astype(x.dtype)
+    return x
 
 
 class PrefixCache:
