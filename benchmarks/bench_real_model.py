@@ -37,10 +37,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -55,6 +53,7 @@ import numpy as np  # noqa: E402
 
 import bench_grpo_step  # noqa: E402
 import bench_rollout  # noqa: E402
+from peers import peer_process  # noqa: E402
 from mlx_rl.chapters import grpo, grpo_family  # noqa: E402
 from mlx_rl.data.rewards import load_rewards  # noqa: E402
 from mlx_rl.engine import blas  # noqa: E402
@@ -128,21 +127,13 @@ def measure_ours(args):
 
 
 def measure_peer(name, python, args):
-    """Run a peer script in its own venv; its last stdout line is its JSON figures."""
-    script = PEERS[name][1]
-    cmd = [python, str(script), "--model", args.model, "--data", args.data, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--group-size", str(args.group_size),
-           "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--lora-rank", str(args.lora_rank)]
-    env = dict(os.environ)
-    if name == "mlx-lm-lora" and blas.find_openblas():
-        env["LD_PRELOAD"] = blas.find_openblas()  # the same BLAS as ours (see peers/mlxlora_grpo_step.py)
-    start_s = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent)
-    if done.returncode != 0:
-        raise SystemExit(f"the {name} benchmark failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["process_s"] = time.perf_counter() - start_s
-    return result
+    """Run a peer script in its own venv (peers/peer_process.py); stop with its error if it fails."""
+    peer_args = ["--model", args.model, "--data", args.data, "--steps", args.steps, "--warmup", args.warmup,
+                 "--prompts", args.prompts, "--group-size", args.group_size, "--max-new-tokens", args.max_new_tokens,
+                 "--lr", args.lr, "--lora-rank", args.lora_rank]
+    openblas = blas.find_openblas() if name == "mlx-lm-lora" else None
+    return peer_process.or_exit(name, peer_process.run_peer(python, PEERS[name][1], peer_args, openblas=openblas,
+                                                            cwd=HERE.parent))
 
 
 def measure_rollout(args):

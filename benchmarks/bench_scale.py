@@ -36,7 +36,6 @@ checkpoint that scripts/get_smollm2.sh makes.
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+from peers import peer_process  # noqa: E402
 
 # The real models' config.json, minus what does not change the compute (ids, dtype, generation settings).
 MODELS = {
@@ -242,31 +242,20 @@ def run_peer(model_dir, data, peer, args):
 
     venv, script, extra = PEERS[peer]
     python = args.trl_python if venv == "trl" else args.mlxlora_python
-    if not Path(python).exists():
-        return {"setting": peer, "error": f"{python} not found (install the peer's venv: see benchmarks/peers/)"}
-    cmd = [python, str(HERE / "peers" / script), "--model", str(Path(model_dir).resolve()), "--data", str(Path(data).resolve()),
-           "--steps", "1", "--warmup", str(args.warmup), "--prompts", str(args.prompts),
-           "--group-size", str(args.group_size), "--max-new-tokens", str(args.new_tokens), "--lr", "1e-5",
-           "--lora-rank", str(args.lora_rank), "--beta", str(args.kl_coef), "--plain-prompts", *extra]
-    env, openblas = dict(os.environ), blas.find_openblas()
-    if venv == "mlxlora" and openblas:
-        env["LD_PRELOAD"] = openblas  # the same BLAS as ours (see peers/mlxlora_grpo_step.py)
+    peer_args = ["--model", Path(model_dir).resolve(), "--data", Path(data).resolve(), "--steps", 1,
+                 "--warmup", args.warmup, "--prompts", args.prompts, "--group-size", args.group_size,
+                 "--max-new-tokens", args.new_tokens, "--lr", "1e-5", "--lora-rank", args.lora_rank,
+                 "--beta", args.kl_coef, "--plain-prompts", *extra]
     before = uptime()
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE / "peers")
-    process_s = time.perf_counter() - started
+    r, failure = peer_process.run_peer(python, HERE / "peers" / script, peer_args,
+                                    openblas=blas.find_openblas() if venv == "mlxlora" else None,
+                                       cwd=HERE / "peers")
     after = uptime()
-    if done.returncode != 0:
-        tail = [line for line in done.stderr.strip().splitlines() if "warn" not in line.lower()]
-        error = f"exit {done.returncode}" + (f": {tail[-1].strip()}" if tail else "")
-        if done.returncode == -9:  # SIGKILL: on Linux, the kernel's out-of-memory killer (dmesg says)
-            error = "killed by SIGKILL (out of memory?)"
-        return {"setting": peer, "error": error, "returncode": done.returncode, "process_s": process_s,
-                "uptime_before": before, "uptime_after": after}
-    r = json.loads(done.stdout.strip().splitlines()[-1])
+    if failure is not None:
+        failure.pop("stderr", None)
+        return {"setting": peer, **failure, "uptime_before": before, "uptime_after": after}
     B = args.prompts * args.group_size
-    return {"setting": peer, **r, "step_s": r["step_s"][0], "process_s": process_s, "rows": B,
-            "completion_len": r["completion_len_mean"],
+    return {"setting": peer, **r, "step_s": r["step_s"][0], "rows": B, "completion_len": r["completion_len_mean"],
             "step_tok_s": B * r["completion_len_mean"] / r["step_s"][0] if r["completion_len_mean"] else None,
             "uptime_before": before, "uptime_after": after}
 

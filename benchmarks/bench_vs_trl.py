@@ -25,7 +25,6 @@ separate Python that has torch and trl (not mlx-rl's dependencies):
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +34,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_dpo_step  # noqa: E402  (switches on OpenBLAS before MLX)
 import bench_grpo_step  # noqa: E402
+from peers import peer_process  # noqa: E402
 
 STEPS = {  # name -> (the mlx-rl benchmark module, the peer script, default timed steps, warm-up steps)
     "grpo": (bench_grpo_step, HERE / "peers" / "trl_grpo_step.py", 40, 5),
@@ -43,11 +43,8 @@ STEPS = {  # name -> (the mlx-rl benchmark module, the peer script, default time
 
 
 def run_peer(peer_python, script, model_dir, steps, warmup):
-    cmd = [peer_python, str(script), "--model", model_dir, "--steps", str(steps), "--warmup", str(warmup)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"the TRL benchmark failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    args = ["--model", model_dir, "--steps", steps, "--warmup", warmup]
+    return peer_process.or_exit("TRL", peer_process.run_peer(peer_python, script, args))
 
 
 def main():

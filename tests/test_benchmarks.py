@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
 
@@ -43,3 +44,35 @@ def test_dpo_step_benchmark_times_the_update_and_saves_the_untrained_model(tmp_p
     assert all(v > 0 for v in result["phases_s"].values())
     assert sum(result["phases_s"].values()) <= result["step_s_mean"] * 1.01  # phases are parts of the step
     assert_saved_untrained(tmp_path / "model", "tiny")
+
+
+def test_a_peer_runs_in_its_own_process_and_every_failure_is_one_line(tmp_path):
+    """benchmarks/peers/peer_process.py, which every benchmark uses to call a peer: the figures from the last JSON
+    line, and for each way a peer can fail (its venv missing, an error, SIGKILL as from the out-of-memory killer,
+    no JSON) a one-line reason instead of a crash."""
+    from peers import peer_process
+
+    def script(name, body):
+        path = tmp_path / name
+        path.write_text("import json, os, signal, sys\n" + body)
+        return path
+
+    ok = script("ok.py", "print('progress...')\nprint(json.dumps({'step_s': [1.5], 'args': sys.argv[1:], "
+                         "'preload': os.environ.get('LD_PRELOAD')}))\n")
+    figures, failure = peer_process.run_peer(sys.executable, ok, ["--steps", 1], openblas="/lib/fake-blas.so")
+    assert failure is None and figures["step_s"] == [1.5] and figures["args"] == ["--steps", "1"]
+    assert figures["preload"] == "/lib/fake-blas.so" and figures["process_s"] > 0
+
+    cases = {
+        "error.py": ("sys.stderr.write('Traceback ...\\nValueError: no such model\\n'); sys.exit(3)\n",
+                     "exit 3: ValueError: no such model"),
+        "killed.py": ("os.kill(os.getpid(), signal.SIGKILL)\n", "killed by SIGKILL (out of memory?)"),
+        "silent.py": ("print('done')\n", "no JSON on the last line of silent.py's output"),
+    }
+    for name, (body, error) in cases.items():
+        figures, failure = peer_process.run_peer(sys.executable, script(name, body), [])
+        assert figures is None and failure["error"] == error, failure
+    figures, failure = peer_process.run_peer(tmp_path / "no-venv" / "python", ok, [])
+    assert figures is None and "not found" in failure["error"]
+    with pytest.raises(SystemExit, match="the TRL benchmark failed: exit 3: ValueError: no such model"):
+        peer_process.or_exit("TRL", peer_process.run_peer(sys.executable, tmp_path / "error.py", []))
