@@ -123,8 +123,33 @@ def compare(gguf_path, ckpt, llama_python, workdir):
                                   "llamacpp_top1": tokenizer.decode([a]), "ours_top1": tokenizer.decode([b]),
                                   "llamacpp_p": [float(p[t, a]), float(p[t, b])]})
     return {"top1_agreement": matches / positions, "positions": positions, "mean_kl": sum(kls) / positions,
+            "without_unpermute": without_unpermute(model, ref, len(prompts)) if is_llama(ckpt) else None,
             "per_prompt": per_prompt, "disagreements": disagreements, "token_ids_equal": not mismatches, "token_id_mismatches": mismatches,
             "texts_compared": len(TEXTS) + len(prompts), **summary}
+
+
+def is_llama(ckpt):
+    return json.loads((Path(ckpt) / "config.json").read_text())["model_type"] == "llama"
+
+
+def without_unpermute(model, ref, n_prompts):
+    """What an import that skipped the W_q / W_k un-permutation would compute: the same agreement with llama.cpp,
+    with each layer's q_proj and k_proj rows put back in the file's (permuted) order."""
+    import test_gguf as T
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    args = model.args
+    permuted = [(name, T.llamacpp_permute(w, args.num_attention_heads if "q_proj" in name else args.num_key_value_heads))
+                for name, w in tree_flatten(model.parameters()) if "q_proj.weight" in name or "k_proj.weight" in name]
+    model.update(tree_unflatten(permuted))
+    matches = positions = 0
+    kls = []
+    for i in range(n_prompts):
+        ids = ref[f"ids_{i}"].tolist()
+        m, n, kl, _ = agreement(ref[f"logits_{i}"], np.array(model(mx.array([ids]))[0].astype(mx.float32)))
+        matches, positions = matches + m, positions + n
+        kls.append(kl * n)
+    return {"top1_agreement": matches / positions, "positions": positions, "mean_kl": sum(kls) / positions}
 
 
 def tiny(llama_python, workdir):
@@ -219,6 +244,9 @@ def main():
             r = results["llamacpp"]
             print(f"llama.cpp vs import: top-1 {r['top1_agreement']:.1%} of {r['positions']} positions, "
                   f"mean KL {r['mean_kl']:.4f}; token ids equal on {r['texts_compared']} texts: {r['token_ids_equal']}")
+            if r["without_unpermute"]:
+                w = r["without_unpermute"]
+                print(f"without the W_q/W_k un-permutation: top-1 {w['top1_agreement']:.1%}, mean KL {w['mean_kl']:.2f}")
         if args.tiny and args.llama_python:
             results["tiny"] = tiny(args.llama_python, workdir)
             for name, r in results["tiny"].items():
