@@ -278,6 +278,7 @@ def main():
     results = {"settings": {k: v for k, v in vars(args).items() if k not in ("child", "json")},
                "mlx": mx.__version__, "models": {}}
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-scale-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     print(f"GRPO + LoRA rank {args.lora_rank}, {args.prompts} prompts x {args.group_size}, {args.prompt_tokens} prompt "
           f"+ {args.new_tokens} new tokens, kl_coef {args.kl_coef}, one epoch; {args.warmup} warm-up step(s)", flush=True)
     for name in args.models.split(","):

@@ -136,6 +136,9 @@ def install():
         if name.startswith("mlx_lm.") and getattr(module, "swiglu", None) is original:
             module.swiglu = swiglu
     installed = True
+    from mlx_rl.engine import attention
+
+    attention.install()  # its softmax uses the exp above: one switch for both
     return True
 
 

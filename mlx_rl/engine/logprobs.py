@@ -267,7 +267,7 @@ class PrefixCache:
         return keys, values
 
     def make_mask(self, N, return_array=False, window_size=None):
-        if self.offset == 0 and not (return_array or window_size):
+        if not (return_array or window_size):  # "causal" aligns the N queries with the last N keys: the same mask
             return "causal" if N > 1 else None
         return create_causal_mask(N, offset=self.offset, window_size=window_size)  # (N, offset + N)
 
