@@ -158,9 +158,8 @@ def install():
         return False
     base = importlib.import_module(BASE)
     mlx_lms = base.__dict__.setdefault("_mlx_rl_original_sdpa", base.scaled_dot_product_attention)
-    for name, module in list(sys.modules.items()):  # base itself, and the architectures already imported
-        if name.startswith("mlx_lm.") and getattr(module, "scaled_dot_product_attention", None) is mlx_lms:
-            module.scaled_dot_product_attention = scaled_dot_product_attention
+    # base itself (architectures imported from now on pick ours up) and the architectures already imported
+    fastmath.replace_in_mlx_lm("scaled_dot_product_attention", mlx_lms, scaled_dot_product_attention)
     installed = True
     return True
 
@@ -172,7 +171,5 @@ def uninstall():
     mlx_lms = base and base.__dict__.get("_mlx_rl_original_sdpa")
     if mlx_lms is None:
         return
-    for name, module in list(sys.modules.items()):
-        if name.startswith("mlx_lm.") and getattr(module, "scaled_dot_product_attention", None) is scaled_dot_product_attention:
-            module.scaled_dot_product_attention = mlx_lms
+    fastmath.replace_in_mlx_lm("scaled_dot_product_attention", scaled_dot_product_attention, mlx_lms)
     installed = False

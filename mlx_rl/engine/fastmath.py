@@ -131,10 +131,8 @@ def install():
         return False
     activations = importlib.import_module(ACTIVATIONS)
     original = activations.__dict__.setdefault("_mlx_rl_original_swiglu", activations.swiglu)
-    activations.swiglu = swiglu  # architecture modules imported from now on pick up the fast one
-    for name, module in list(sys.modules.items()):  # and those already imported
-        if name.startswith("mlx_lm.") and getattr(module, "swiglu", None) is original:
-            module.swiglu = swiglu
+    # activations itself (architecture modules imported from now on pick up the fast one) and those already imported
+    replace_in_mlx_lm("swiglu", original, swiglu)
     installed = True
     from mlx_rl.engine import attention
 
@@ -149,10 +147,15 @@ def uninstall():
     original = activations and activations.__dict__.get("_mlx_rl_original_swiglu")
     if original is None:
         return
-    for name, module in list(sys.modules.items()):
-        if name.startswith("mlx_lm.") and getattr(module, "swiglu", None) is swiglu:
-            module.swiglu = original
+    replace_in_mlx_lm("swiglu", swiglu, original)
     installed = False
+
+
+def replace_in_mlx_lm(name, old, new):
+    """Wherever an imported mlx_lm module's `name` is `old`, make it `new` (this module's and attention.py's install)."""
+    for module_name, module in list(sys.modules.items()):
+        if module_name.startswith("mlx_lm.") and getattr(module, name, None) is old:
+            setattr(module, name, new)
 
 
 def original_swiglu(gate, x):
